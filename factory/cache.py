@@ -1,0 +1,149 @@
+"""Content-addressed store of trees, keyed by the job key that built them.
+
+An entry is committed by one rename of a finished folder, so a key either names a whole
+tree or nothing; a per-key lock keeps two runs from building or pruning the same entry
+at once; leftovers of killed runs are removed when the store is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from factory import proc
+
+DEFAULT_CACHE = Path("/var/cache/factory")
+LOCK_POLL = 0.5
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    path: Path  # the folder holding root/ and meta.json
+
+    @property
+    def root(self) -> Path:
+        return self.path / "root"
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.trees = root / "trees"
+        self.tmp = root / "tmp"
+        self.locks = root / "locks"
+
+    async def open(self) -> Cache:
+        """Create the folders and remove what killed runs left half-built."""
+        for folder in (self.trees, self.tmp, self.locks):
+            folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp.iterdir():
+            pid = stale.name.rsplit(".", 1)[-1]
+            if not pid.isdigit() or not _pid_alive(int(pid)):
+                await remove_tree(stale)
+        return self
+
+    def get(self, key: str) -> Entry | None:
+        entry = Entry(key, self.trees / key)
+        return entry if (entry.path / "meta.json").is_file() else None
+
+    def entries(self) -> list[Entry]:
+        return sorted((Entry(p.name, p) for p in self.trees.iterdir() if p.is_dir()),
+                      key=lambda e: e.path.stat().st_mtime)
+
+    @contextlib.asynccontextmanager
+    async def lock(self, key: str) -> AsyncIterator[None]:
+        """Hold the key's lock; waits (cancellably) while another run holds it."""
+        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    proc.note(f"waiting for cache lock {key[:12]} held by another run")
+                    await anyio.sleep(LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def building(self, key: str, meta: dict[str, Any]) -> AsyncIterator[Path]:
+        """A folder to build the entry's root in; committed by rename when the block ends
+        without error, removed otherwise. Call with the key's lock held."""
+        tmp = self.tmp / f"{key}.{os.getpid()}"
+        if tmp.exists():
+            await remove_tree(tmp)
+        (tmp / "root").mkdir(parents=True)
+        try:
+            yield tmp / "root"
+            (tmp / "meta.json").write_text(json.dumps({**meta, "created": time.time()},
+                                                      sort_keys=True))
+            final = self.trees / key
+            if final.exists():
+                await self.remove(key)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                with anyio.CancelScope(shield=True):
+                    await remove_tree(tmp)
+
+    def touch(self, entry: Entry) -> None:
+        """Mark an entry used now: prune removes the least recently used first."""
+        os.utime(entry.path)
+
+    async def remove(self, key: str) -> None:
+        """Take the entry out of the key space at once (rename), then delete it."""
+        src = self.trees / key
+        doomed = self.tmp / f"{key}.removing.{os.getpid()}"
+        os.rename(src, doomed)
+        await remove_tree(doomed)
+
+
+async def remove_tree(path: Path) -> None:
+    """rm -rf that stays on one filesystem (a tree may hold a stale bind mount)."""
+    if path.is_dir() and not path.is_symlink():
+        await proc.run(["rm", "-rf", "--one-file-system", "--", path])
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def du_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+__all__ = ["DEFAULT_CACHE", "Cache", "Entry", "du_bytes", "remove_tree"]

@@ -1,0 +1,1 @@
+"""Distribution families: what a bootable tree of each needs and how to build it."""

@@ -1,0 +1,92 @@
+"""What happened during a run, as data.
+
+The scheduler and the stages emit `Event`s; sinks turn them into progress bars, plain
+lines, JSON lines (also what a remote worker streams back) and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TextIO
+
+EventKind = Literal[
+    "run-start",  # data: matrix, jobs
+    "start",  # a job began
+    "progress",  # message: what the job is doing now
+    "done",  # a job finished
+    "failed",  # message: the error; data: tail
+    "skipped",  # a dependency failed or the run was cancelled before it began
+    "cancelled",  # the job was running when the run was cancelled
+    "artifact",  # data: cell, format, path, size, sha256
+    "run-end",  # data: status
+]
+
+Sink = Callable[["Event"], None]
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    job: str | None = None
+    job_kind: str | None = None
+    cell: str | None = None
+    host: str | None = None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> Event:
+        return cls(**json.loads(line))
+
+
+class Bus:
+    """Fans events out to every sink, in order."""
+
+    def __init__(self, *sinks: Sink) -> None:
+        self.sinks: list[Sink] = list(sinks)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink(event)
+
+
+def _describe(event: Event) -> str:
+    what = event.job or ""
+    where = f" on {event.host}" if event.host else ""
+    if event.kind == "run-start":
+        return f"run {event.data.get('matrix')}: {event.data.get('jobs')} jobs"
+    if event.kind == "run-end":
+        return f"run {event.data.get('status')}"
+    if event.kind == "artifact":
+        return f"artifact {event.data.get('path')} ({event.data.get('size')} bytes)"
+    text = f"{event.kind:<9} {what}{where}"
+    return f"{text}: {event.message}" if event.message else text
+
+
+class PlainSink:
+    """One line per event: for logs, pipes and CI."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def __call__(self, event: Event) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
+        print(f"{stamp} {_describe(event)}", file=self.stream, flush=True)
+
+
+class JsonSink:
+    """JSON lines: for machines (and the remote worker's stream back to the controller)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def __call__(self, event: Event) -> None:
+        print(event.to_json(), file=self.stream, flush=True)

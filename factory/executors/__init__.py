@@ -1,0 +1,1 @@
+"""Executors: where jobs run (this machine, or a remote build host)."""

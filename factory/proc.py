@@ -1,0 +1,239 @@
+"""The one way factory runs external commands.
+
+Every command goes through `run()`: it is written to the current job's log with its
+output, a failure raises `CommandError` carrying the exit code and the last lines of
+stderr, and cancellation (Ctrl-C, a failed sibling, a timeout) kills the command's whole
+process group before `run()` returns, so no child outlives the job that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import anyio
+from anyio.abc import ByteReceiveStream, Process
+
+TAIL_LINES = 20
+KILL_GRACE = 5.0
+
+Arg = str | os.PathLike[str]
+
+
+class CommandError(Exception):
+    """A command exited non-zero; carries what a user needs to see why."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, tail: Sequence[str]) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.tail = list(tail)
+        last = self.tail[-1] if self.tail else "no output"
+        super().__init__(f"{Path(self.argv[0]).name} exited {returncode}: {last}")
+
+    def details(self) -> str:
+        return "\n".join([f"$ {shlex.join(self.argv)}", *self.tail])
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: bytes
+    stderr_tail: list[str]
+    matched: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+class JobLog:
+    """A job's log file; `run()` writes commands and output into the one set for the task."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[str] | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def write(self, text: str) -> None:
+        if self._fh is not None:
+            self._fh.write(text if text.endswith("\n") else text + "\n")
+
+    def tail(self, lines: int = TAIL_LINES) -> list[str]:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as fh:
+                return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
+        except OSError:
+            return []
+
+
+current_log: ContextVar[JobLog | None] = ContextVar("current_log", default=None)
+
+
+@contextlib.contextmanager
+def logging_to(path: Path) -> Iterator[JobLog]:
+    """Send the log of every `run()` in this task (and its children) to `path`."""
+    log = JobLog(path)
+    log.open()
+    token = current_log.set(log)
+    try:
+        yield log
+    finally:
+        current_log.reset(token)
+        log.close()
+
+
+def note(text: str) -> None:
+    """A line in the current job's log that did not come from a command."""
+    log = current_log.get()
+    if log is not None:
+        log.write(f"# {text}")
+
+
+async def _drain(
+    stream: ByteReceiveStream | None,
+    log: JobLog | None,
+    tail: deque[str] | None,
+    keep: bytearray | None,
+    until: re.Pattern[str] | None = None,
+    found: Callable[[], None] | None = None,
+) -> None:
+    if stream is None:
+        return
+    pending = b""
+    async for chunk in stream:
+        if keep is not None:
+            keep.extend(chunk)
+            continue
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip("\r")
+            if log is not None:
+                log.write(line)
+            if tail is not None:
+                tail.append(line)
+        if until is not None and found is not None and (
+            any(until.search(raw.decode(errors="replace")) for raw in lines)
+            or until.search(pending.decode(errors="replace"))
+        ):
+            found()
+            return
+    if pending:
+        line = pending.decode(errors="replace")
+        if log is not None:
+            log.write(line)
+        if tail is not None:
+            tail.append(line)
+
+
+async def _terminate(process: Process) -> None:
+    """Kill the process group: TERM first, KILL after a grace period. Shielded by the caller."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with anyio.move_on_after(KILL_GRACE):
+        await process.wait()
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    await process.wait()
+
+
+async def run(
+    argv: Sequence[Arg],
+    *,
+    input: bytes | None = None,
+    capture: bool = False,
+    check: bool = True,
+    cwd: Arg | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    until: str | None = None,
+) -> Completed:
+    """Run a command to completion.
+
+    stdout is kept (and returned) when `capture` is set, else it goes to the log; stderr
+    always goes to the log and its last lines to the error. The command runs in its own
+    session so that killing its process group also stops what it started (mmdebstrap's
+    apt, qemu, ...). `env` entries are added to the inherited environment.
+
+    With `until`, the command runs until a line of its stdout matches that regex; then it
+    is stopped and `matched` is set (for programs that never exit, such as a booting VM).
+    A command that exits before a match is an error however it exits.
+    """
+    args = [os.fspath(a) for a in argv]
+    log = current_log.get()
+    started = time.monotonic()
+    if log is not None:
+        log.write(f"$ {shlex.join(args)}")
+    full_env = None if env is None else {**os.environ, **env}
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    out = bytearray() if capture else None
+    pattern = re.compile(until) if until is not None else None
+    matched = False
+    process = await anyio.open_process(
+        args,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=full_env,
+        start_new_session=True,
+    )
+    try:
+        with anyio.fail_after(timeout):
+            async with anyio.create_task_group() as tg:
+
+                def found() -> None:
+                    nonlocal matched
+                    matched = True
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(_drain, process.stdout, log, None if capture else tail, out,
+                              pattern, found)
+                tg.start_soon(_drain, process.stderr, log, tail, None)
+                if input is not None and process.stdin is not None:
+                    await process.stdin.send(input)
+                    await process.stdin.aclose()
+                await process.wait()
+        if matched:
+            with anyio.CancelScope(shield=True):
+                await _terminate(process)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _terminate(process)
+            await process.aclose()
+        raise
+    await process.aclose()
+    code = process.returncode
+    assert code is not None
+    if log is not None:
+        log.write(f"# exit {code} after {time.monotonic() - started:.1f}s")
+    if until is not None and not matched:
+        tail.append(f"exited before printing a line that matches {until!r}")
+        raise CommandError(args, code, list(tail))
+    if check and code != 0 and not matched:
+        raise CommandError(args, code, list(tail))
+    return Completed(args, code, bytes(out or b""), list(tail), matched)
+

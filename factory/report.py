@@ -1,0 +1,53 @@
+"""OUT/report.json and OUT/SHA256SUMS: what a run built, from the scheduler's records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from factory.fsutil import atomic_write
+from factory.scheduler import JobRun
+
+
+def artifacts(runs: Iterable[JobRun]) -> list[dict[str, Any]]:
+    """The published files: publish jobs that finished hand back an `artifact` record."""
+    out = []
+    for run in runs:
+        if run.status == "done" and run.output is not None and "artifact" in run.output.info:
+            out.append(dict(run.output.info["artifact"]))
+    return sorted(out, key=lambda a: a["path"])
+
+
+def write(out: Path, matrix: str, started: float, finished: float, status: str,
+          runs: Iterable[JobRun]) -> dict[str, Any]:
+    runs = list(runs)
+    report: dict[str, Any] = {
+        "matrix": matrix,
+        "status": status,
+        "started": started,
+        "finished": finished,
+        "jobs": [
+            {
+                "id": r.job.id,
+                "kind": r.job.kind,
+                "cell": r.job.cell,
+                "key": r.job.key,
+                "status": r.status,
+                "started": r.started,
+                "finished": r.finished,
+                "host": r.host,
+                "error": r.error,
+                "tail": r.tail,
+                "info": dict(r.output.info) if r.output else {},
+                "log": f"logs/{r.job.id.replace(':', '_')}.log" if r.started else None,
+            }
+            for r in runs
+        ],
+        "artifacts": artifacts(runs),
+    }
+    atomic_write(out / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
+    sums = "".join(f"{a['sha256']}  {a['path']}\n" for a in report["artifacts"])
+    atomic_write(out / "SHA256SUMS", sums)
+    return report

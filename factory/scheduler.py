@@ -1,0 +1,154 @@
+"""Runs a Plan: every job starts as soon as its dependencies are done, within its
+executor's capacity; a failure fails only the jobs that depend on it.
+
+The scheduler knows executors only by the `Executor` protocol, so the same code runs
+jobs here, under emulation, or on a remote worker, and the worker reuses it unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+
+from factory.events import Bus, Event, EventKind
+from factory.plan import Job, Plan
+from factory.proc import CommandError, logging_to
+from factory.results import Output, StageError
+
+Status = Literal["done", "failed", "skipped", "cancelled"]
+
+
+@dataclass
+class JobRun:
+    """The scheduler's record of one job, for the report."""
+
+    job: Job
+    status: Status | None = None
+    started: float | None = None
+    finished: float | None = None
+    host: str | None = None
+    error: str | None = None
+    tail: list[str] = field(default_factory=list)
+    output: Output | None = None
+
+
+class Limiter(Protocol):
+    async def __aenter__(self) -> object: ...
+    async def __aexit__(self, *exc: object) -> bool | None: ...
+
+
+class Executor(Protocol):
+    """Where jobs run. `host` is None for this machine."""
+
+    host: str | None
+
+    def limiter(self, job: Job) -> Limiter: ...
+
+    async def run(self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
+                  ) -> Output: ...
+
+
+Router = Callable[[Job], Executor]
+
+
+class Scheduler:
+    def __init__(self, plan: Plan, route: Router, bus: Bus, logs: Path, *,
+                 fail_fast: bool = False) -> None:
+        self.plan = plan
+        self.route = route
+        self.bus = bus
+        self.logs = logs
+        self.fail_fast = fail_fast
+        self.runs: dict[str, JobRun] = {job.id: JobRun(job) for job in plan.jobs}
+        self._finished = {job.id: anyio.Event() for job in plan.jobs}
+        self._group: TaskGroup | None = None
+
+    def log_path(self, job: Job) -> Path:
+        return self.logs / f"{job.id.replace(':', '_')}.log"
+
+    def _emit(self, kind: EventKind, run: JobRun, message: str = "", **data: Any) -> None:
+        self.bus.emit(Event(kind, job=run.job.id, job_kind=run.job.kind,
+                            cell=run.job.cell, host=run.host, message=message, data=data))
+
+    async def run(self) -> dict[str, JobRun]:
+        """Run every job; returns when all are done, failed, skipped or cancelled."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._group = tg
+                for job in self.plan.jobs:
+                    tg.start_soon(self._job, self.runs[job.id], name=job.id)
+        finally:
+            now = time.time()
+            for run in self.runs.values():
+                if run.status is None:
+                    run.status = "skipped"
+                    run.error = "run stopped before it started"
+                    run.finished = now
+                    self._emit("skipped", run, run.error)
+        return self.runs
+
+    async def _job(self, run: JobRun) -> None:
+        job = run.job
+        try:
+            for dep in job.deps:
+                await self._finished[dep].wait()
+            failed = [d for d in job.deps if self.runs[d].status != "done"]
+            if failed:
+                run.status, run.error, run.finished = "skipped", f"{failed[0]} failed", time.time()
+                self._emit("skipped", run, run.error)
+                return
+            executor = self.route(job)
+            inputs = {d: self.runs[d].output or Output() for d in job.deps}
+            async with executor.limiter(job):
+                await self._execute(run, executor, inputs)
+        finally:
+            self._finished[job.id].set()
+
+    async def _execute(self, run: JobRun, executor: Executor, inputs: Mapping[str, Output]
+                       ) -> None:
+        job = run.job
+        run.host, run.started = executor.host, time.time()
+        self._emit("start", run)
+        with logging_to(self.log_path(job)) as log:
+            try:
+                run.output = await executor.run(job, inputs,
+                                                lambda msg: self._emit("progress", run, msg))
+            except anyio.get_cancelled_exc_class():
+                run.status, run.error, run.finished = "cancelled", "interrupted", time.time()
+                self._emit("cancelled", run, run.error)
+                raise
+            except Exception as exc:  # a job's failure is data; only cancellation propagates
+                run.status, run.finished = "failed", time.time()
+                if isinstance(exc, CommandError):
+                    log.write(f"# {exc}")
+                    run.error, run.tail = str(exc), exc.tail
+                elif isinstance(exc, StageError):
+                    log.write(f"# {exc}")
+                    run.error, run.tail = str(exc), log.tail()
+                else:
+                    log.write(traceback.format_exc())
+                    run.error = f"{type(exc).__name__}: {exc}"
+                    run.tail = log.tail()
+                self._emit("failed", run, run.error, tail=run.tail)
+                if self.fail_fast and self._group is not None:
+                    self._group.cancel_scope.cancel()
+                return
+        run.status, run.finished = "done", time.time()
+        info = dict(run.output.info) if run.output else {}
+        self._emit("done", run, "", seconds=round(run.finished - run.started, 3), info=info)
+        if "artifact" in info:
+            self._emit("artifact", run, "", **info["artifact"])
+
+
+
+def default_jobs() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0))

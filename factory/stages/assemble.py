@@ -1,0 +1,56 @@
+"""assemble: the raw disk from the finalised tree, without loop devices or mounts.
+
+A sparse file, partitioned by sfdisk from the layout's data, the filesystem made by
+mkfs.ext4 -d straight into the root partition's byte range, then the boot code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from factory import layouts, proc, sizing
+from factory.fsutil import aside
+from factory.results import Output
+from factory.stages import Context, bootloader
+
+
+def partition(disk: Path, offset: int) -> str:
+    """e2fsprogs open a filesystem inside an image file with this name."""
+    return f"{disk}?offset={offset}"
+
+
+def mkfs_args(tree: Path, disk: Path, uuid: str, offset: int, size: int) -> list[str]:
+    return ["mkfs.ext4", "-q", "-F", "-U", uuid, "-L", "root", "-i", str(sizing.BYTES_PER_INODE),
+            "-J", f"size={sizing.JOURNAL // layouts.MiB}", "-E", f"offset={offset}",
+            "-d", str(tree), str(disk), f"{size // 1024}k"]
+
+
+async def run(ctx: Context) -> Output:
+    p = ctx.job.params
+    layout = layouts.LAYOUTS[p["layout"]]
+    tree = ctx.input_path("finalise")
+    ctx.emit("sizing")
+    size = sizing.disk_size(sizing.measure(tree), layout, p["extra_size"], p["size"])
+    disk = ctx.cell_work / "disk.raw"
+    tmp = aside(disk)
+    try:
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.truncate(size.disk)
+        await proc.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", tmp],
+                       input=layout.sfdisk_script(size.disk).encode())
+        root_offset, root_size = layout.offsets(size.disk)["root"]
+        ctx.emit("mkfs.ext4 -d")
+        await proc.run(mkfs_args(tree, tmp, p["root_uuid"], root_offset, root_size))
+        fs = partition(tmp, root_offset)
+        await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", fs])
+        ctx.emit("boot code")
+        await bootloader.install(tmp, tree, layout, p["root_uuid"], ctx.cell_work)
+        await proc.run(["e2fsck", "-fn", fs])
+        os.replace(tmp, disk)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Output(disk, {"virtual_size": size.disk, "filesystem_bytes": size.filesystem,
+                         "size_reason": size.reason, "shared": True,
+                         "root_offset": root_offset})

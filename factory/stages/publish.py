@@ -1,0 +1,61 @@
+"""publish: check an artifact, checksum it and put it under its final name atomically.
+
+The file is linked (raw: the disk is still read by conversions) or moved to a hidden name
+beside its final one, then renamed, so OUT never holds part of an artifact under a real
+name; its `.sha256` is written first, so every artifact in OUT has one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from factory import proc
+from factory.fsutil import aside, atomic_write, sha256_file
+from factory.results import Output, StageError
+from factory.stages import Context
+
+# qemu-img check knows these; raw and vpc have nothing to check.
+CHECKABLE = frozenset({"qcow2", "vmdk", "vdi", "vhdx", "qed", "parallels"})
+
+
+async def verify_disk(path: os.PathLike[str], qemu: str, virtual_size: int | None) -> None:
+    """qemu-img's own reading of the file: the format it claims and the exact size."""
+    info = json.loads((await proc.run(["qemu-img", "info", "--output=json", "-f", qemu, path],
+                                      capture=True)).text)
+    if virtual_size is not None and info.get("virtual-size") != virtual_size:
+        raise StageError(f"{os.fspath(path)}: virtual size {info.get('virtual-size')} is not the "
+                         f"disk's {virtual_size}")
+    if qemu in CHECKABLE:
+        await proc.run(["qemu-img", "check", "-q", "-f", qemu, path])
+
+
+async def run(ctx: Context) -> Output:
+    p = ctx.job.params
+    (dep,) = ctx.job.deps
+    src_out = ctx.inputs[dep]
+    src = src_out.path
+    if src is None or not src.exists():
+        raise StageError(f"{ctx.job.id}: nothing to publish from {dep}")
+    dest = ctx.ws.out / p["name"]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if p["source"] == "disk":
+        ctx.emit("checking")
+        await verify_disk(src, p["qemu"], src_out.info.get("virtual_size"))
+    ctx.emit("checksumming")
+    digest = await sha256_file(src)
+    tmp = aside(dest)
+    try:
+        if src_out.info.get("shared"):
+            os.link(src, tmp)
+        else:
+            os.rename(src, tmp)
+        if await sha256_file(tmp) != digest:
+            raise StageError(f"{dest}: checksum changed while publishing")
+        atomic_write(dest.with_name(dest.name + ".sha256"), f"{digest}  {dest.name}\n")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    artifact = {"cell": ctx.job.cell, "format": p["format"], "path": p["name"],
+                "size": dest.stat().st_size, "sha256": digest}
+    return Output(dest, {"artifact": artifact})

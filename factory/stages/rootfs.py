@@ -1,0 +1,108 @@
+"""rootfs: the chroot stage, built once per cell with mmdebstrap and cached by its key.
+
+The initramfs is not built here: update-initramfs is diverted while packages install
+(the kernel's postinst and the initramfs-tools trigger would each build one) and restored
+afterwards; finalise builds it once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from factory import proc
+from factory.cache import Entry, du_bytes
+from factory.distros import debian
+from factory.proc import CommandError
+from factory.results import Output, StageError
+from factory.stages import Context
+
+DIVERT = (
+    'chroot "$1" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.factory '
+    "--add /usr/sbin/update-initramfs && "
+    "printf '#!/bin/sh\\necho update-initramfs: deferred to finalise >&2\\n' "
+    '> "$1/usr/sbin/update-initramfs" && chmod 755 "$1/usr/sbin/update-initramfs"'
+)
+UNDIVERT = (
+    'rm -f "$1/usr/sbin/update-initramfs" && '
+    'chroot "$1" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.factory '
+    "--remove /usr/sbin/update-initramfs"
+)
+
+
+def host_sources() -> tuple[str, bool]:
+    """The build host's apt sources: (text, is deb822)."""
+    for path in debian.HOST_SOURCES:
+        p = Path(path)
+        if p.is_file():
+            return p.read_text(), p.suffix == ".sources"
+    raise StageError("mirrors.debian = \"host\" but this machine has no "
+                     f"{' or '.join(debian.HOST_SOURCES)} (set a mirror URL in the matrix)")
+
+
+def sources(params: dict[str, object]) -> str:
+    release, mirror = str(params["release"]), str(params["mirror"])
+    updates, security = bool(params["updates"]), bool(params["security"])
+    if mirror == "host":
+        text, deb822 = host_sources()
+        try:
+            return debian.sources_for(release, debian.parse_sources(text, deb822), updates,
+                                      security)
+        except debian.SourcesError as exc:
+            raise StageError(f"mirrors.debian = \"host\": {exc}") from None
+    return debian.sources_for_url(release, mirror, updates, security)
+
+
+def mmdebstrap_args(params: dict[str, object], target: Path, sources_file: Path) -> list[str]:
+    packages = ",".join(map(str, params["packages"]))  # type: ignore[call-overload]
+    return [
+        "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
+        f"--architectures={params['arch']}",
+        f"--include={packages}",
+        "--aptopt=Acquire::Retries \"3\"",
+        "--dpkgopt=force-unsafe-io",
+        f"--essential-hook={DIVERT}",
+        f"--customize-hook={UNDIVERT}",
+        str(params["release"]), str(target), str(sources_file),
+    ]
+
+
+_INDEX_FAIL = re.compile(r"(?:Failed to fetch|Hash Sum mismatch|File has unexpected size).*?"
+                         r"dists/(?P<suite>[\w.-]+)/")
+
+
+def explain(exc: CommandError, arch: str) -> str:
+    """Turn apt's failure on a broken mirror index into the setting that avoids it."""
+    for line in exc.tail:
+        m = _INDEX_FAIL.search(line)
+        if m:
+            suite = m["suite"]
+            kind = suite.rsplit("-", 1)[-1] if "-" in suite else ""
+            hint = (f"set [mirrors] {kind} = false to leave it out"
+                    if kind in ("updates", "security") else "check the mirror")
+            return f"the mirror's index for {suite} ({arch}) failed to download ({hint})"
+    return str(exc)
+
+
+async def run(ctx: Context) -> Output:
+    p = ctx.job.params
+    cache = ctx.ws.cache
+    meta = {"kind": "rootfs", "cell": ctx.job.cell}
+    async with cache.lock(ctx.job.key):
+        entry = cache.get(ctx.job.key)
+        if entry is not None and not ctx.ws.refresh:
+            cache.touch(entry)
+            ctx.emit("from cache")
+            proc.note(f"tree {ctx.job.key} from the cache")
+            return Output(entry.root, {"cached": True})
+        sources_file = ctx.cell_work / "apt.sources"
+        sources_file.write_text(sources(p))
+        async with cache.building(ctx.job.key, meta) as root:
+            ctx.emit("mmdebstrap")
+            try:
+                await proc.run(mmdebstrap_args(p, root, sources_file))
+            except CommandError as exc:
+                raise StageError(explain(exc, str(p["arch"]))) from exc
+            meta["bytes"] = du_bytes(root)
+        built = Entry(ctx.job.key, cache.trees / ctx.job.key)
+        return Output(built.root, {"cached": False, "bytes": meta["bytes"]})
