@@ -75,8 +75,10 @@ class Cache:
         return entry if (entry.path / "meta.json").is_file() else None
 
     def entries(self) -> list[Entry]:
-        return sorted((Entry(p.name, p) for p in self.trees.iterdir() if p.is_dir()),
-                      key=lambda e: e.path.stat().st_mtime)
+        return sorted(
+            (Entry(p.name, p) for p in self.trees.iterdir() if p.is_dir()),
+            key=lambda e: e.path.stat().st_mtime,
+        )
 
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
@@ -106,8 +108,9 @@ class Cache:
         (tmp / "root").mkdir(parents=True)
         try:
             yield tmp / "root"
-            (tmp / "meta.json").write_text(json.dumps({**meta, "created": time.time()},
-                                                      sort_keys=True))
+            (tmp / "meta.json").write_text(
+                json.dumps({**meta, "created": time.time()}, sort_keys=True)
+            )
             final = self.trees / key
             if final.exists():
                 await self.remove(key)

@@ -6,6 +6,7 @@ import fnmatch
 import json
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,15 +17,19 @@ import typer
 
 from factory import plan as planning
 from factory import report
-from factory.cache import DEFAULT_CACHE, Cache
+from factory.cache import DEFAULT_CACHE, Cache, remove_tree
 from factory.events import Bus, Event, JsonSink, PlainSink
 from factory.executors.local import LocalExecutor
 from factory.scheduler import JobRun, Scheduler, default_jobs
 from factory.spec import Matrix, MatrixError, load_matrix
 from factory.stages import Workspace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Build a matrix of bootable Linux images: arch × distro × format.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Build a matrix of bootable Linux images: arch × distro × format.",
+)
 cache_app = typer.Typer(no_args_is_help=True, help="The tree cache.")
 app.add_typer(cache_app, name="cache")
 
@@ -49,12 +54,16 @@ def _load(path: Path) -> Matrix:
 def _select(matrix: Matrix, plan: planning.Plan, only: list[str]) -> planning.Plan:
     if not only:
         return plan
-    ids = [j.id for j in plan.jobs
-           if any(fnmatch.fnmatchcase(j.cell, g) or fnmatch.fnmatchcase(j.id, g) for g in only)]
+    ids = [
+        j.id
+        for j in plan.jobs
+        if any(fnmatch.fnmatchcase(j.cell, g) or fnmatch.fnmatchcase(j.id, g) for g in only)
+    ]
     if not ids:
         cells = ", ".join(plan.cells())
-        raise fail_usage(f"{matrix.path}:1: --only: {' '.join(only)} matches no cell or job "
-                         f"(cells: {cells})")
+        raise fail_usage(
+            f"{matrix.path}:1: --only: {' '.join(only)} matches no cell or job (cells: {cells})"
+        )
     return plan.select(ids)
 
 
@@ -79,8 +88,9 @@ def run(
     jobs: Annotated[int | None, typer.Option(min=1, help="jobs at once [default: cores]")] = None,
     only: Annotated[list[str] | None, typer.Option(help="only cells or jobs matching GLOB")] = None,
     fail_fast: Annotated[bool, typer.Option(help="stop everything at the first failure")] = False,
-    events: Annotated[Literal["auto", "rich", "plain", "json"],
-                      typer.Option(help="progress display")] = "auto",
+    events: Annotated[
+        Literal["auto", "rich", "plain", "json"], typer.Option(help="progress display")
+    ] = "auto",
     cache: CacheOpt = DEFAULT_CACHE,
     refresh: Annotated[bool, typer.Option(help="rebuild cached trees")] = False,
 ) -> None:
@@ -97,8 +107,16 @@ def run(
     raise typer.Exit(code)
 
 
-async def _run(m: Matrix, p: planning.Plan, out: Path, jobs: int, fail_fast: bool, mode: str,
-               cache_dir: Path, refresh: bool) -> int:
+async def _run(
+    m: Matrix,
+    p: planning.Plan,
+    out: Path,
+    jobs: int,
+    fail_fast: bool,
+    mode: str,
+    cache_dir: Path,
+    refresh: bool,
+) -> int:
     from factory.progress import RichSink
 
     try:
@@ -131,7 +149,9 @@ async def _run(m: Matrix, p: planning.Plan, out: Path, jobs: int, fail_fast: boo
             tg.cancel_scope.cancel()
     finally:
         status = _status(sched.runs.values(), interrupted)
-        report.write(out, m.name, started, time.time(), status, sched.runs.values())
+        with anyio.CancelScope(shield=True):
+            report.write(out, m.name, started, time.time(), status, sched.runs.values())
+            await remove_tree(out / ".work")
         bus.emit(Event("run-end", data={"status": status, "out": str(out)}))
         if rich:
             rich.__exit__(None, None, None)
@@ -145,6 +165,40 @@ def _status(runs: Iterable[JobRun], interrupted: bool) -> str:
     return "built" if statuses <= {"done"} else "failed"
 
 
+@app.command()
+def boot(
+    image: Annotated[Path, typer.Argument(help="a disk image (raw, qcow2, vhd, vmdk, vdi, ...)")],
+    arch: Annotated[str, typer.Option(help="the image's architecture")] = "amd64",
+    firmware: Annotated[Literal["bios", "uefi"], typer.Option(help="how to boot it")] = "bios",
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for login:")] = 300,
+    log: Annotated[Path | None, typer.Option(help="keep the console output here")] = None,
+) -> None:
+    """Boot IMAGE in QEMU and wait for its login prompt (exit 0), or fail (exit 1)."""
+    from factory.proc import logging_to
+    from factory.results import StageError
+    from factory.stages.boot import boot_image, detect_format
+
+    if not image.is_file():
+        raise fail_usage(f"{image}: not a file (give a disk image)")
+
+    async def go() -> float:
+        fmt = await detect_format(image)
+        with (
+            tempfile.TemporaryDirectory(prefix="factory-boot-") as work,
+            logging_to(log or Path(work) / "console.log"),
+        ):
+            return await boot_image(
+                image, fmt=fmt, arch=arch, firmware=firmware, timeout=timeout, work=Path(work)
+            )
+
+    try:
+        seconds = anyio.run(go)
+    except StageError as exc:
+        print(f"boot: {exc}", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED) from None
+    print(f"{image}: login prompt after {seconds:.1f} s")
+
+
 @cache_app.command("ls")
 def cache_ls(cache: CacheOpt = DEFAULT_CACHE) -> None:
     """List cached trees, least recently used first."""
@@ -155,8 +209,10 @@ def cache_ls(cache: CacheOpt = DEFAULT_CACHE) -> None:
         meta = entry.meta()
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.path.stat().st_mtime))
         size = meta.get("bytes", 0) / 2**20
-        print(f"{entry.key[:16]}  {meta.get('kind', '?'):<9} {meta.get('cell', '?'):<28} "
-              f"{size:8.0f} MiB  used {used}")
+        print(
+            f"{entry.key[:16]}  {meta.get('kind', '?'):<9} {meta.get('cell', '?'):<28} "
+            f"{size:8.0f} MiB  used {used}"
+        )
 
 
 @cache_app.command("prune")
@@ -184,4 +240,3 @@ def cache_prune(
 
 def main() -> None:
     app()
-

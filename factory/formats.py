@@ -21,7 +21,9 @@ class Format:
 
 _KNOWN = (
     Format("raw", "disk", "raw", "raw", "the assembled disk, sparse"),
-    Format("qcow2", "disk", "qcow2", "qcow2", "QEMU copy-on-write, compressed per qcow2_compression"),
+    Format(
+        "qcow2", "disk", "qcow2", "qcow2", "QEMU copy-on-write, compressed per qcow2_compression"
+    ),
     Format("vhd", "disk", "vhd", "vpc", "Hyper-V/Azure VHD, virtual size kept exact"),
     Format("vmdk", "disk", "vmdk", "vmdk", "VMware, streamOptimized"),
     Format("vdi", "disk", "vdi", "vdi", "VirtualBox"),

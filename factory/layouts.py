@@ -29,7 +29,7 @@ class Layout:
     doc: str = ""
 
     def overhead_mib(self) -> int:
-        """Space the disk needs besides the root partition (start gap, fixed partitions, GPT backup)."""
+        """Disk space besides the root partition: start gap, fixed partitions, GPT backup."""
         fixed = sum(p.size_mib or 0 for p in self.partitions)
         return self.first_mib + fixed + (1 if self.label == "gpt" else 0)
 

@@ -44,8 +44,13 @@ class Job(BaseModel):
     params: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "cell": self.cell, "deps": list(self.deps),
-                "key": self.key}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "cell": self.cell,
+            "deps": list(self.deps),
+            "key": self.key,
+        }
 
 
 class Plan(BaseModel):
@@ -86,8 +91,12 @@ def _strip_locations(value: Any) -> Any:
 
 def job_key(kind: str, params: dict[str, Any], dep_keys: Iterable[str]) -> str:
     blob = json.dumps(
-        {"kind": kind, "recipe": RECIPES[kind], "params": _strip_locations(params),
-         "deps": sorted(dep_keys)},
+        {
+            "kind": kind,
+            "recipe": RECIPES[kind],
+            "params": _strip_locations(params),
+            "deps": sorted(dep_keys),
+        },
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -117,13 +126,23 @@ class _Builder:
         self.jobs: list[Job] = []
         self.keys: dict[str, str] = {}
 
-    def add(self, kind: Kind, cell: Cell, deps: Iterable[str], params: dict[str, Any],
-            suffix: str = "") -> str:
+    def add(
+        self, kind: Kind, cell: Cell, deps: Iterable[str], params: dict[str, Any], suffix: str = ""
+    ) -> str:
         jid = f"{kind}:{cell.id}" + (f":{suffix}" if suffix else "")
         dep_ids = tuple(deps)
         key = job_key(kind, params, (self.keys[d] for d in dep_ids))
-        self.jobs.append(Job(id=jid, kind=kind, cell=cell.id, arch=cell.arch, deps=dep_ids,
-                             key=key, params=params))
+        self.jobs.append(
+            Job(
+                id=jid,
+                kind=kind,
+                cell=cell.id,
+                arch=cell.arch,
+                deps=dep_ids,
+                key=key,
+                params=params,
+            )
+        )
         self.keys[jid] = key
         return jid
 
@@ -135,79 +154,117 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
     disk_formats = [f for f in wanted if f.source == "disk"]
     tree_formats = [f for f in wanted if f.source == "tree"]
 
-    rootfs = b.add("rootfs", cell, (), {
-        "family": cell.distro.family,
-        "release": cell.distro.release,
-        "arch": cell.arch,
-        "packages": debian.packages_for(cell.distro.release, cell.arch, layout.name,
-                                        m.image.packages),
-        "mirror": m.mirrors.debian,
-        "updates": m.mirrors.updates,
-        "security": m.mirrors.security,
-    })
+    rootfs = b.add(
+        "rootfs",
+        cell,
+        (),
+        {
+            "family": cell.distro.family,
+            "release": cell.distro.release,
+            "arch": cell.arch,
+            "packages": debian.packages_for(
+                cell.distro.release, cell.arch, layout.name, m.image.packages
+            ),
+            "mirror": m.mirrors.debian,
+            "updates": m.mirrors.updates,
+            "security": m.mirrors.security,
+        },
+    )
     rootfs_key = b.keys[rootfs]
     root_uuid = str(uuid.uuid5(_UUID_NAMESPACE, f"root:{cell.id}:{rootfs_key}"))
-    finalise = b.add("finalise", cell, (rootfs,), {
-        "family": cell.distro.family,
-        "release": cell.distro.release,
-        "arch": cell.arch,
-        "layout": layout.name,
-        "root_uuid": root_uuid,
-        "filesystem": m.image.filesystem,
-        "image_name": cell.id,
-        "hooks": hooks,
-        "manifest": f"{cell.id}/{cell.id}.manifest.json",
-    })
-
-    def publish(source: str, fmt: formats.Format) -> None:
-        b.add("publish", cell, (source,), {
-            "format": fmt.name,
-            "source": "disk" if fmt.source == "disk" else "tree",
-            "name": f"{cell.id}/{artifact_name(cell, fmt.name)}",
-            "qemu": fmt.qemu,
-        }, fmt.name)
-
-    if disk_formats or m.image.boot_test:
-        assemble = b.add("assemble", cell, (finalise,), {
+    finalise = b.add(
+        "finalise",
+        cell,
+        (rootfs,),
+        {
+            "family": cell.distro.family,
+            "release": cell.distro.release,
             "arch": cell.arch,
             "layout": layout.name,
-            "size": m.image.size,
-            "extra_size": m.image.extra_size,
-            "filesystem": m.image.filesystem,
             "root_uuid": root_uuid,
-        })
+            "filesystem": m.image.filesystem,
+            "image_name": cell.id,
+            "hooks": hooks,
+            "manifest": f"{cell.id}/{cell.id}.manifest.json",
+        },
+    )
+
+    def publish(source: str, fmt: formats.Format) -> None:
+        b.add(
+            "publish",
+            cell,
+            (source,),
+            {
+                "format": fmt.name,
+                "source": "disk" if fmt.source == "disk" else "tree",
+                "name": f"{cell.id}/{artifact_name(cell, fmt.name)}",
+                "qemu": fmt.qemu,
+            },
+            fmt.name,
+        )
+
+    if disk_formats or m.image.boot_test:
+        assemble = b.add(
+            "assemble",
+            cell,
+            (finalise,),
+            {
+                "arch": cell.arch,
+                "layout": layout.name,
+                "size": m.image.size,
+                "extra_size": m.image.extra_size,
+                "filesystem": m.image.filesystem,
+                "root_uuid": root_uuid,
+            },
+        )
         for fmt in disk_formats:
             if fmt.name == "raw":
                 publish(assemble, fmt)
                 continue
-            convert = b.add("convert", cell, (assemble,), {
-                "format": fmt.name,
-                "qemu": fmt.qemu,
-                "compression": m.image.qcow2_compression if fmt.name == "qcow2" else None,
-                "vhd_subformat": m.image.vhd_subformat if fmt.name == "vhd" else None,
-            }, fmt.name)
+            convert = b.add(
+                "convert",
+                cell,
+                (assemble,),
+                {
+                    "format": fmt.name,
+                    "qemu": fmt.qemu,
+                    "compression": m.image.qcow2_compression if fmt.name == "qcow2" else None,
+                    "vhd_subformat": m.image.vhd_subformat if fmt.name == "vhd" else None,
+                },
+                fmt.name,
+            )
             publish(convert, fmt)
         if m.image.boot_test:
-            b.add("boot", cell, (assemble,), {
-                "arch": cell.arch,
-                "layout": layout.name,
-                "timeout": m.image.boot_timeout,
-            })
+            b.add(
+                "boot",
+                cell,
+                (assemble,),
+                {
+                    "arch": cell.arch,
+                    "layout": layout.name,
+                    "timeout": m.image.boot_timeout,
+                },
+            )
     for fmt in tree_formats:
-        pack = b.add("pack", cell, (finalise,), {
-            "format": fmt.name,
-            "arch": cell.arch,
-            "image_name": cell.id,
-            "docker_tag": m.image.docker_tag or f"{m.name}/{cell.distro.family}:"
-                                                 f"{cell.distro.release}-{cell.arch}",
-        }, fmt.name)
+        pack = b.add(
+            "pack",
+            cell,
+            (finalise,),
+            {
+                "format": fmt.name,
+                "arch": cell.arch,
+                "image_name": cell.id,
+                "docker_tag": m.image.docker_tag
+                or f"{m.name}/{cell.distro.family}:{cell.distro.release}-{cell.arch}",
+            },
+            fmt.name,
+        )
         publish(pack, fmt)
 
 
 def make_plan(matrix: Matrix) -> Plan:
     """The whole DAG for a matrix: one rootfs per cell, shared by all of its outputs."""
-    hooks = [{"name": p.name, "digest": hook_digest(p), "path": str(p)}
-             for p in matrix.image.hooks]
+    hooks = [{"name": p.name, "digest": hook_digest(p), "path": str(p)} for p in matrix.image.hooks]
     b = _Builder(matrix)
     for cell in matrix.cells():
         _cell_jobs(b, cell, hooks)

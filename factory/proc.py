@@ -67,7 +67,7 @@ class JobLog:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)
+        self._fh = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115 (closed by close())
 
     def close(self) -> None:
         if self._fh is not None:
@@ -132,9 +132,13 @@ async def _drain(
                 log.write(line)
             if tail is not None:
                 tail.append(line)
-        if until is not None and found is not None and (
-            any(until.search(raw.decode(errors="replace")) for raw in lines)
-            or until.search(pending.decode(errors="replace"))
+        if (
+            until is not None
+            and found is not None
+            and (
+                any(until.search(raw.decode(errors="replace")) for raw in lines)
+                or until.search(pending.decode(errors="replace"))
+            )
         ):
             found()
             return
@@ -210,8 +214,9 @@ async def run(
                     matched = True
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(_drain, process.stdout, log, None if capture else tail, out,
-                              pattern, found)
+                tg.start_soon(
+                    _drain, process.stdout, log, None if capture else tail, out, pattern, found
+                )
                 tg.start_soon(_drain, process.stderr, log, tail, None)
                 if input is not None and process.stdin is not None:
                     await process.stdin.send(input)
@@ -236,4 +241,3 @@ async def run(
     if check and code != 0 and not matched:
         raise CommandError(args, code, list(tail))
     return Completed(args, code, bytes(out or b""), list(tail), matched)
-

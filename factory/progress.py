@@ -17,8 +17,12 @@ from rich.progress import (
 
 from factory.events import Event
 
-_END = {"done": "[green]done[/]", "failed": "[red]FAILED[/]", "skipped": "[yellow]skipped[/]",
-        "cancelled": "[yellow]cancelled[/]"}
+_END = {
+    "done": "[green]done[/]",
+    "failed": "[red]FAILED[/]",
+    "skipped": "[yellow]skipped[/]",
+    "cancelled": "[yellow]cancelled[/]",
+}
 
 
 class RichSink:
@@ -46,8 +50,9 @@ class RichSink:
     def __call__(self, event: Event) -> None:
         p = self.progress
         if event.kind == "run-start":
-            self.total = p.add_task(f"[bold]{event.data.get('matrix')}[/]",
-                                    total=event.data.get("jobs"))
+            self.total = p.add_task(
+                f"[bold]{event.data.get('matrix')}[/]", total=event.data.get("jobs")
+            )
         elif event.kind == "start" and event.job:
             where = f" [dim]on {event.host}[/]" if event.host else ""
             self.running[event.job] = p.add_task(f"  {event.job}{where}", total=None)

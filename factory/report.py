@@ -20,8 +20,9 @@ def artifacts(runs: Iterable[JobRun]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda a: a["path"])
 
 
-def write(out: Path, matrix: str, started: float, finished: float, status: str,
-          runs: Iterable[JobRun]) -> dict[str, Any]:
+def write(
+    out: Path, matrix: str, started: float, finished: float, status: str, runs: Iterable[JobRun]
+) -> dict[str, Any]:
     runs = list(runs)
     report: dict[str, Any] = {
         "matrix": matrix,
@@ -48,6 +49,19 @@ def write(out: Path, matrix: str, started: float, finished: float, status: str,
         "artifacts": artifacts(runs),
     }
     atomic_write(out / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
-    sums = "".join(f"{a['sha256']}  {a['path']}\n" for a in report["artifacts"])
-    atomic_write(out / "SHA256SUMS", sums)
+    atomic_write(out / "SHA256SUMS", _sums(out, report["artifacts"]))
     return report
+
+
+def _sums(out: Path, built: list[dict[str, Any]]) -> str:
+    """This run's artifacts, and those of earlier runs into OUT (e.g. with --only) whose
+    files are still there and were not rebuilt now."""
+    sums = {a["path"]: a["sha256"] for a in built}
+    try:
+        for line in (out / "SHA256SUMS").read_text().splitlines():
+            digest, _, path = line.partition("  ")
+            if path and path not in sums and (out / path).is_file():
+                sums[path] = digest
+    except OSError:
+        pass
+    return "".join(f"{digest}  {path}\n" for path, digest in sorted(sums.items()))

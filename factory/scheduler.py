@@ -40,28 +40,25 @@ class JobRun:
     output: Output | None = None
 
 
-class Limiter(Protocol):
-    async def __aenter__(self) -> object: ...
-    async def __aexit__(self, *exc: object) -> bool | None: ...
-
-
 class Executor(Protocol):
     """Where jobs run. `host` is None for this machine."""
 
     host: str | None
 
-    def limiter(self, job: Job) -> Limiter: ...
+    def limiter(self, job: Job) -> anyio.CapacityLimiter: ...
 
-    async def run(self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
-                  ) -> Output: ...
+    async def run(
+        self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
+    ) -> Output: ...
 
 
 Router = Callable[[Job], Executor]
 
 
 class Scheduler:
-    def __init__(self, plan: Plan, route: Router, bus: Bus, logs: Path, *,
-                 fail_fast: bool = False) -> None:
+    def __init__(
+        self, plan: Plan, route: Router, bus: Bus, logs: Path, *, fail_fast: bool = False
+    ) -> None:
         self.plan = plan
         self.route = route
         self.bus = bus
@@ -75,8 +72,17 @@ class Scheduler:
         return self.logs / f"{job.id.replace(':', '_')}.log"
 
     def _emit(self, kind: EventKind, run: JobRun, message: str = "", **data: Any) -> None:
-        self.bus.emit(Event(kind, job=run.job.id, job_kind=run.job.kind,
-                            cell=run.job.cell, host=run.host, message=message, data=data))
+        self.bus.emit(
+            Event(
+                kind,
+                job=run.job.id,
+                job_kind=run.job.kind,
+                cell=run.job.cell,
+                host=run.host,
+                message=message,
+                data=data,
+            )
+        )
 
     async def run(self) -> dict[str, JobRun]:
         """Run every job; returns when all are done, failed, skipped or cancelled."""
@@ -112,15 +118,15 @@ class Scheduler:
         finally:
             self._finished[job.id].set()
 
-    async def _execute(self, run: JobRun, executor: Executor, inputs: Mapping[str, Output]
-                       ) -> None:
+    async def _execute(self, run: JobRun, executor: Executor, inputs: Mapping[str, Output]) -> None:
         job = run.job
         run.host, run.started = executor.host, time.time()
         self._emit("start", run)
         with logging_to(self.log_path(job)) as log:
             try:
-                run.output = await executor.run(job, inputs,
-                                                lambda msg: self._emit("progress", run, msg))
+                run.output = await executor.run(
+                    job, inputs, lambda msg: self._emit("progress", run, msg)
+                )
             except anyio.get_cancelled_exc_class():
                 run.status, run.error, run.finished = "cancelled", "interrupted", time.time()
                 self._emit("cancelled", run, run.error)
@@ -146,7 +152,6 @@ class Scheduler:
         self._emit("done", run, "", seconds=round(run.finished - run.started, 3), info=info)
         if "artifact" in info:
             self._emit("artifact", run, "", **info["artifact"])
-
 
 
 def default_jobs() -> int:

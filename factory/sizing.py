@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory.layouts import MiB, Layout
+from factory.layouts import Layout, MiB
 
 JOURNAL = 64 * MiB  # mkfs -J size=64, as diskimage-builder
 BYTES_PER_INODE = 4096  # mkfs -i 4096, as diskimage-builder

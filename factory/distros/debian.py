@@ -10,8 +10,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-KERNELS = {"amd64": "linux-image-amd64", "ppc64el": "linux-image-powerpc64le",
-           "arm64": "linux-image-arm64"}
+KERNELS = {
+    "amd64": "linux-image-amd64",
+    "ppc64el": "linux-image-powerpc64le",
+    "arm64": "linux-image-arm64",
+}
 
 # What boots: init, device manager, initramfs, filesystem tools, network (systemd-networkd
 # is part of systemd in bookworm and trixie).
@@ -19,8 +22,13 @@ BASE = ("systemd-sysv", "udev", "initramfs-tools", "e2fsprogs", "kmod", "zstd", 
 
 BOOTLOADER = {
     "mbr": ("grub-pc-bin", "grub2-common"),
-    "gpt-efi": ("grub-pc-bin", "grub-efi-amd64-bin", "grub2-common", "shim-signed",
-                "grub-efi-amd64-signed"),
+    "gpt-efi": (
+        "grub-pc-bin",
+        "grub-efi-amd64-bin",
+        "grub2-common",
+        "shim-signed",
+        "grub-efi-amd64-signed",
+    ),
     "ppc-prep": ("grub-ieee1275-bin", "grub2-common"),
 }
 
@@ -42,14 +50,20 @@ class Stanza:
     signed_by: str | None = None
 
     def render(self) -> str:
-        lines = ["Types: deb", f"URIs: {' '.join(self.uris)}", f"Suites: {' '.join(self.suites)}",
-                 f"Components: {' '.join(self.components)}"]
+        lines = [
+            "Types: deb",
+            f"URIs: {' '.join(self.uris)}",
+            f"Suites: {' '.join(self.suites)}",
+            f"Components: {' '.join(self.components)}",
+        ]
         if self.signed_by:
             lines.append(f"Signed-By: {self.signed_by}")
         return "\n".join(lines) + "\n"
 
 
-_ONE_LINE = re.compile(r"^deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+(?P<suite>\S+)(?P<comps>.*)$")
+_ONE_LINE = re.compile(
+    r"^deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+(?P<suite>\S+)(?P<comps>.*)$"
+)
 
 
 class SourcesError(ValueError):
@@ -74,18 +88,28 @@ def parse_sources(text: str, deb822: bool) -> list[Stanza]:
                 fields[key] = value.strip()
             if "deb" not in fields.get("types", "").split() or fields.get("enabled") == "no":
                 continue
-            out.append(Stanza(tuple(fields.get("uris", "").split()),
-                              tuple(fields.get("suites", "").split()),
-                              tuple(fields.get("components", "main").split()),
-                              fields.get("signed-by")))
+            out.append(
+                Stanza(
+                    tuple(fields.get("uris", "").split()),
+                    tuple(fields.get("suites", "").split()),
+                    tuple(fields.get("components", "main").split()),
+                    fields.get("signed-by"),
+                )
+            )
         return out
     for line in text.splitlines():
         m = _ONE_LINE.match(line.split("#", 1)[0].strip())
         if m is None:
             continue
         opts = dict(o.split("=", 1) for o in (m["opts"] or "").split() if "=" in o)
-        out.append(Stanza((m["uri"],), (m["suite"],), tuple(m["comps"].split()) or ("main",),
-                          opts.get("signed-by")))
+        out.append(
+            Stanza(
+                (m["uri"],),
+                (m["suite"],),
+                tuple(m["comps"].split()) or ("main",),
+                opts.get("signed-by"),
+            )
+        )
     return out
 
 
@@ -113,8 +137,9 @@ def sources_for(release: str, stanzas: list[Stanza], updates: bool, security: bo
                 suites.append(new)
                 seen.update((uri, new) for uri in st.uris)
         if suites:
-            out.append(Stanza(st.uris, tuple(suites), st.components,
-                              st.signed_by or KEYRING).render())
+            out.append(
+                Stanza(st.uris, tuple(suites), st.components, st.signed_by or KEYRING).render()
+            )
     if not any(_suite_kind(s) == "release" for st in stanzas for s in st.suites):
         raise SourcesError("the host's apt sources have no Debian release suite")
     return "\n".join(out)
@@ -127,6 +152,7 @@ def sources_for_url(release: str, url: str, updates: bool, security: bool) -> st
     main = [release] + ([f"{release}-updates"] if updates else [])
     out = [Stanza((base,), tuple(main), ("main",), KEYRING).render()]
     if security:
-        out.append(Stanza((f"{base}-security",), (f"{release}-security",), ("main",),
-                          KEYRING).render())
+        out.append(
+            Stanza((f"{base}-security",), (f"{release}-security",), ("main",), KEYRING).render()
+        )
     return "\n".join(out)

@@ -38,8 +38,9 @@ class LocalExecutor:
     def limiter(self, job: Job) -> anyio.CapacityLimiter:
         return self.cpu
 
-    async def run(self, job: Job, inputs: Mapping[str, Output],
-                  emit: Callable[[str], None]) -> Output:
+    async def run(
+        self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
+    ) -> Output:
         stage = self.stages.get(job.kind)
         if stage is None:
             raise StageError(f"no stage for job kind {job.kind!r}")

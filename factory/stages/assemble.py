@@ -21,9 +21,25 @@ def partition(disk: Path, offset: int) -> str:
 
 
 def mkfs_args(tree: Path, disk: Path, uuid: str, offset: int, size: int) -> list[str]:
-    return ["mkfs.ext4", "-q", "-F", "-U", uuid, "-L", "root", "-i", str(sizing.BYTES_PER_INODE),
-            "-J", f"size={sizing.JOURNAL // layouts.MiB}", "-E", f"offset={offset}",
-            "-d", str(tree), str(disk), f"{size // 1024}k"]
+    return [
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-U",
+        uuid,
+        "-L",
+        "root",
+        "-i",
+        str(sizing.BYTES_PER_INODE),
+        "-J",
+        f"size={sizing.JOURNAL // layouts.MiB}",
+        "-E",
+        f"offset={offset}",
+        "-d",
+        str(tree),
+        str(disk),
+        f"{size // 1024}k",
+    ]
 
 
 async def run(ctx: Context) -> Output:
@@ -38,8 +54,10 @@ async def run(ctx: Context) -> Output:
         tmp.unlink(missing_ok=True)
         with open(tmp, "wb") as fh:
             fh.truncate(size.disk)
-        await proc.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", tmp],
-                       input=layout.sfdisk_script(size.disk).encode())
+        await proc.run(
+            ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", tmp],
+            input=layout.sfdisk_script(size.disk).encode(),
+        )
         root_offset, root_size = layout.offsets(size.disk)["root"]
         ctx.emit("mkfs.ext4 -d")
         await proc.run(mkfs_args(tree, tmp, p["root_uuid"], root_offset, root_size))
@@ -51,6 +69,13 @@ async def run(ctx: Context) -> Output:
         os.replace(tmp, disk)
     finally:
         tmp.unlink(missing_ok=True)
-    return Output(disk, {"virtual_size": size.disk, "filesystem_bytes": size.filesystem,
-                         "size_reason": size.reason, "shared": True,
-                         "root_offset": root_offset})
+    return Output(
+        disk,
+        {
+            "virtual_size": size.disk,
+            "filesystem_bytes": size.filesystem,
+            "size_reason": size.reason,
+            "shared": True,
+            "root_offset": root_offset,
+        },
+    )

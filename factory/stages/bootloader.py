@@ -25,13 +25,28 @@ def _write_at(disk: Path, offset: int, data: bytes) -> None:
         fh.write(data)
 
 
-async def _core_img(tree: Path, platform: str, modules: tuple[str, ...], uuid: str,
-                    work: Path) -> bytes:
+async def _core_img(
+    tree: Path, platform: str, modules: tuple[str, ...], uuid: str, work: Path
+) -> bytes:
     cfg = work / f"early-{platform}.cfg"
     cfg.write_text(early_cfg(uuid))
     out = work / f"core-{platform}.img"
-    await proc.run(["grub-mkimage", "-O", platform, "-d", tree / "usr/lib/grub" / platform,
-                    "-c", cfg, "-p", "/boot/grub", "-o", out, *modules])
+    await proc.run(
+        [
+            "grub-mkimage",
+            "-O",
+            platform,
+            "-d",
+            tree / "usr/lib/grub" / platform,
+            "-c",
+            cfg,
+            "-p",
+            "/boot/grub",
+            "-o",
+            out,
+            *modules,
+        ]
+    )
     return out.read_bytes()
 
 

@@ -54,8 +54,21 @@ async def bound(tree: Path) -> AsyncIterator[Path]:
                     await proc.run(["umount", "--lazy", target], check=False)
 
 
-async def run_in(tree: Path, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                 input: bytes | None = None) -> proc.Completed:
+async def run_in(
+    tree: Path,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,
+) -> proc.Completed:
     """Run a command inside the tree (call within `bound`)."""
-    return await proc.run(["env", "-i", *(f"{k}={v}" for k, v in {**CHROOT_ENV, **(env or {})}
-                                          .items()), "chroot", tree, *argv], input=input)
+    return await proc.run(
+        [
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in {**CHROOT_ENV, **(env or {})}.items()),
+            "chroot",
+            tree,
+            *argv,
+        ],
+        input=input,
+    )

@@ -38,9 +38,18 @@ async def run(ctx: Context) -> Output:
     tmp = aside(dest)
     try:
         ctx.emit(f"qemu-img convert to {fmt.name}")
-        await proc.run(["qemu-img", "convert", "-q", "-f", "raw",
-                        *convert_args(fmt.name, p.get("compression"), p.get("vhd_subformat")),
-                        raw, tmp])
+        await proc.run(
+            [
+                "qemu-img",
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                *convert_args(fmt.name, p.get("compression"), p.get("vhd_subformat")),
+                raw,
+                tmp,
+            ]
+        )
         await verify_disk(tmp, fmt.qemu or fmt.name, virtual)
         os.replace(tmp, dest)
     finally:

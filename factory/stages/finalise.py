@@ -19,27 +19,40 @@ from factory.results import Output, StageError
 from factory.stages import Context, chroot
 
 MANIFEST_DIR = Path("etc/factory/manifests")
-GRUB_PLATFORMS = {"mbr": ("i386-pc",), "gpt-efi": ("i386-pc", "x86_64-efi"),
-                  "ppc-prep": ("powerpc-ieee1275",)}
+GRUB_PLATFORMS = {
+    "mbr": ("i386-pc",),
+    "gpt-efi": ("i386-pc", "x86_64-efi"),
+    "ppc-prep": ("powerpc-ieee1275",),
+}
 CONSOLES = {"amd64": "console=tty0 console=ttyS0,115200", "ppc64el": "console=hvc0"}
 
 NETWORK = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
-SSH_KEYGEN = ("[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
-              "ExecStartPre=/usr/sbin/sshd -t\n")
+HOSTS = "127.0.0.1\tlocalhost\n127.0.1.1\tdebian\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+SSH_KEYGEN = (
+    "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
+    "ExecStartPre=/usr/sbin/sshd -t\n"
+)
 
 
 def kernel_version(tree: Path) -> str:
-    versions = sorted((p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*")),
-                      key=lambda v: [int(x) if x.isdigit() else x for x in v.replace("-", ".")
-                                     .split(".")])
+    versions = sorted(
+        (p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*")),
+        key=lambda v: [int(x) if x.isdigit() else x for x in v.replace("-", ".").split(".")],
+    )
     if not versions:
         raise StageError("the tree has no kernel in /boot")
     return versions[-1]
 
 
 def grub_cfg(uuid: str, kernel: str, arch: str, title: str) -> str:
-    serial = ("serial --unit=0 --speed=115200\nterminal_input console serial\n"
-              "terminal_output console serial\n") if arch == "amd64" else ""
+    serial = (
+        (
+            "serial --unit=0 --speed=115200\nterminal_input console serial\n"
+            "terminal_output console serial\n"
+        )
+        if arch == "amd64"
+        else ""
+    )
     return (
         f"{serial}set timeout=1\nset default=0\n"
         f"menuentry '{title}' {{\n"
@@ -57,27 +70,38 @@ def fstab(uuid: str, filesystem: str) -> str:
 async def dpkg_manifest(tree: Path) -> list[dict[str, str]]:
     """Every package dpkg knows in the tree, read from its database without a chroot."""
     fmt = "${Package}\\t${Version}\\t${Architecture}\\t${db:Status-Status}\\n"
-    out = await proc.run(["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", fmt],
-                         capture=True)
+    out = await proc.run(
+        ["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", fmt], capture=True
+    )
     rows = [line.split("\t") for line in out.text.splitlines() if line]
     return [{"package": r[0], "version": r[1], "arch": r[2], "status": r[3]} for r in rows]
 
 
 def hook_scripts(hooks: list[dict[str, Any]], phase: str) -> list[Path]:
     """Executables of a phase across all hook folders, in name order (as diskimage-builder)."""
-    found = [p for h in hooks for p in (Path(h["path"]) / phase).glob("*")
-             if p.is_file() and os.access(p, os.X_OK)]
+    found = [
+        p
+        for h in hooks
+        for p in (Path(h["path"]) / phase).glob("*")
+        if p.is_file() and os.access(p, os.X_OK)
+    ]
     return sorted(found, key=lambda p: (p.name, str(p)))
 
 
 def hook_env(ctx: Context, target_root: str) -> dict[str, str]:
     p = ctx.job.params
-    return {"TARGET_ROOT": target_root, "ARCH": p["arch"], "DIB_RELEASE": p["release"],
-            "DISTRO_NAME": p["family"], "IMAGE_NAME": p["image_name"]}
+    return {
+        "TARGET_ROOT": target_root,
+        "ARCH": p["arch"],
+        "DIB_RELEASE": p["release"],
+        "DISTRO_NAME": p["family"],
+        "IMAGE_NAME": p["image_name"],
+    }
 
 
-async def _run_hook(ctx: Context, script: Path, argv: list[str], env: dict[str, str],
-                    tree: Path | None) -> None:
+async def _run_hook(
+    ctx: Context, script: Path, argv: list[str], env: dict[str, str], tree: Path | None
+) -> None:
     ctx.emit(f"hook {script.parent.name}/{script.name}")
     try:
         if tree is None:
@@ -86,12 +110,13 @@ async def _run_hook(ctx: Context, script: Path, argv: list[str], env: dict[str, 
             await chroot.run_in(tree, argv, env)
     except proc.CommandError as exc:
         tail = exc.tail[-1] if exc.tail else "no output"
-        raise StageError(f"hook {script.parent.parent.name}/{script.parent.name}/{script.name} "
-                         f"exited {exc.returncode}: {tail}") from exc
+        raise StageError(
+            f"hook {script.parent.parent.name}/{script.parent.name}/{script.name} "
+            f"exited {exc.returncode}: {tail}"
+        ) from exc
 
 
 async def _in_chroot(ctx: Context, tree: Path, hooks: list[dict[str, Any]]) -> None:
-    p = ctx.job.params
     async with chroot.bound(tree):
         ctx.emit("initramfs")
         await chroot.run_in(tree, ["update-initramfs", "-c", "-k", "all"])
@@ -113,15 +138,19 @@ async def _in_chroot(ctx: Context, tree: Path, hooks: list[dict[str, Any]]) -> N
                 shutil.rmtree(inside, ignore_errors=True)
         ctx.emit("apt-get clean")
         await chroot.run_in(tree, ["apt-get", "clean"])
-    del p
 
 
 def _identity(tree: Path) -> None:
     """Things each VM must make its own, and what the build host left."""
     (tree / "etc/machine-id").write_text("")
-    for path in [tree / "var/lib/dbus/machine-id", tree / "etc/resolv.conf",
-                 *tree.glob("etc/ssh/ssh_host_*"),
-                 *tree.glob("etc/udev/rules.d/70-persistent-*.rules")]:
+    (tree / "etc/hostname").write_text("debian\n")
+    (tree / "etc/hosts").write_text(HOSTS)
+    for path in [
+        tree / "var/lib/dbus/machine-id",
+        tree / "etc/resolv.conf",
+        *tree.glob("etc/ssh/ssh_host_*"),
+        *tree.glob("etc/udev/rules.d/70-persistent-*.rules"),
+    ]:
         path.unlink(missing_ok=True)
     if (tree / "usr/sbin/sshd").exists():
         dropin = tree / "etc/systemd/system/ssh.service.d"
@@ -139,7 +168,9 @@ def _bootloader(tree: Path, p: dict[str, Any]) -> None:
     for platform in GRUB_PLATFORMS[p["layout"]]:
         src = tree / "usr/lib/grub" / platform
         if not src.is_dir():
-            raise StageError(f"the tree has no grub modules for {platform} (/usr/lib/grub/{platform})")
+            raise StageError(
+                f"the tree has no grub modules for {platform} (/usr/lib/grub/{platform})"
+            )
         dest = tree / "boot/grub" / platform
         dest.mkdir(parents=True, exist_ok=True)
         for f in src.iterdir():
@@ -163,7 +194,7 @@ async def run(ctx: Context) -> Output:
             ctx.emit("from cache")
             tree = entry.root
         else:
-            meta = {"kind": "finalise", "cell": ctx.job.cell}
+            meta: dict[str, object] = {"kind": "finalise", "cell": ctx.job.cell}
             async with cache.building(ctx.job.key, meta) as tree:
                 ctx.emit("copying tree")
                 await proc.run(["cp", "-a", "--reflink=auto", f"{source}/.", tree])
@@ -173,7 +204,8 @@ async def run(ctx: Context) -> Output:
                 manifest = await dpkg_manifest(tree)
                 (tree / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
                 (tree / MANIFEST_DIR / f"{p['image_name']}.json").write_text(
-                    json.dumps(manifest, indent=1) + "\n")
+                    json.dumps(manifest, indent=1) + "\n"
+                )
                 for script in hook_scripts(p["hooks"], "cleanup.d"):
                     await _run_hook(ctx, script, [str(script)], hook_env(ctx, str(tree)), None)
                 meta["bytes"] = du_bytes(tree)

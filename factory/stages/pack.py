@@ -38,8 +38,11 @@ async def _tgz(ctx: Context, tree: Path, dest: Path) -> None:
 
 
 async def _has_acls(tree: Path) -> bool:
-    found = await proc.run(["getfattr", "-R", "-h", "-m", "^system\\.posix_acl", "--absolute-names",
-                            tree], capture=True, check=False)
+    found = await proc.run(
+        ["getfattr", "-R", "-h", "-m", "^system\\.posix_acl", "--absolute-names", tree],
+        capture=True,
+        check=False,
+    )
     return b"system.posix_acl" in found.stdout
 
 
@@ -47,8 +50,19 @@ async def _squashfs(ctx: Context, tree: Path, dest: Path) -> None:
     if await _has_acls(tree):
         proc.note("warning: the tree has POSIX ACLs, which mksquashfs does not keep")
         ctx.emit("warning: POSIX ACLs are dropped by squashfs")
-    await proc.run(["mksquashfs", tree, dest, "-noappend", "-quiet", "-comp", "zstd",
-                    "-processors", str(max(1, len(os.sched_getaffinity(0))))])
+    await proc.run(
+        [
+            "mksquashfs",
+            tree,
+            dest,
+            "-noappend",
+            "-quiet",
+            "-comp",
+            "zstd",
+            "-processors",
+            str(max(1, len(os.sched_getaffinity(0)))),
+        ]
+    )
 
 
 def aci_manifest(name: str, arch: str) -> dict[str, object]:
@@ -57,8 +71,10 @@ def aci_manifest(name: str, arch: str) -> dict[str, object]:
         "acKind": "ImageManifest",
         "acVersion": "0.8.11",
         "name": name,
-        "labels": [{"name": "os", "value": "linux"},
-                   {"name": "arch", "value": APPC_ARCH.get(arch, arch)}],
+        "labels": [
+            {"name": "os", "value": "linux"},
+            {"name": "arch", "value": APPC_ARCH.get(arch, arch)},
+        ],
     }
 
 
@@ -67,8 +83,20 @@ async def _aci(ctx: Context, tree: Path, dest: Path) -> None:
     staging = ctx.cell_work / "aci"
     staging.mkdir(exist_ok=True)
     (staging / "manifest").write_text(json.dumps(aci_manifest(p["image_name"], p["arch"])))
-    await proc.run([*TAR, "-cf", dest, "-C", staging, "manifest", "-C", tree,
-                    "--transform=s,^\\.,rootfs,", "."])
+    await proc.run(
+        [
+            *TAR,
+            "-cf",
+            dest,
+            "-C",
+            staging,
+            "manifest",
+            "-C",
+            tree,
+            "--transform=s,^\\.,rootfs,",
+            ".",
+        ]
+    )
 
 
 def docker_config(arch: str, layer_digest: str, created: str) -> dict[str, object]:
@@ -76,8 +104,10 @@ def docker_config(arch: str, layer_digest: str, created: str) -> dict[str, objec
         "architecture": OCI_ARCH.get(arch, arch),
         "os": "linux",
         "created": created,
-        "config": {"Cmd": ["/bin/bash"], "Env": ["PATH=/usr/local/sbin:/usr/local/bin:"
-                                                 "/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "config": {
+            "Cmd": ["/bin/bash"],
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        },
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
         "history": [{"created": created, "created_by": "factory"}],
     }
@@ -97,15 +127,34 @@ async def _docker(ctx: Context, tree: Path, dest: Path) -> None:
     config = json.dumps(docker_config(p["arch"], layer_digest, created), sort_keys=True).encode()
     config_name = f"{hashlib.sha256(config).hexdigest()}.json"
     (staging / config_name).write_bytes(config)
-    manifest = [{"Config": config_name, "RepoTags": [p["docker_tag"]],
-                 "Layers": [f"{layer_digest}/layer.tar"]}]
+    manifest = [
+        {
+            "Config": config_name,
+            "RepoTags": [p["docker_tag"]],
+            "Layers": [f"{layer_digest}/layer.tar"],
+        }
+    ]
     (staging / "manifest.json").write_text(json.dumps(manifest))
-    await proc.run(["tar", "-C", staging, "-cf", dest, "manifest.json", config_name,
-                    f"{layer_digest}/layer.tar"])
+    await proc.run(
+        [
+            "tar",
+            "-C",
+            staging,
+            "-cf",
+            dest,
+            "manifest.json",
+            config_name,
+            f"{layer_digest}/layer.tar",
+        ]
+    )
 
 
 MAKERS: dict[str, Callable[[Context, Path, Path], Awaitable[None]]] = {
-    "tar": _tar, "tgz": _tgz, "squashfs": _squashfs, "aci": _aci, "docker": _docker,
+    "tar": _tar,
+    "tgz": _tgz,
+    "squashfs": _squashfs,
+    "aci": _aci,
+    "docker": _docker,
 }
 
 

@@ -21,11 +21,14 @@ CHECKABLE = frozenset({"qcow2", "vmdk", "vdi", "vhdx", "qed", "parallels"})
 
 async def verify_disk(path: os.PathLike[str], qemu: str, virtual_size: int | None) -> None:
     """qemu-img's own reading of the file: the format it claims and the exact size."""
-    info = json.loads((await proc.run(["qemu-img", "info", "--output=json", "-f", qemu, path],
-                                      capture=True)).text)
+    info = json.loads(
+        (await proc.run(["qemu-img", "info", "--output=json", "-f", qemu, path], capture=True)).text
+    )
     if virtual_size is not None and info.get("virtual-size") != virtual_size:
-        raise StageError(f"{os.fspath(path)}: virtual size {info.get('virtual-size')} is not the "
-                         f"disk's {virtual_size}")
+        raise StageError(
+            f"{os.fspath(path)}: virtual size {info.get('virtual-size')} is not the "
+            f"disk's {virtual_size}"
+        )
     if qemu in CHECKABLE:
         await proc.run(["qemu-img", "check", "-q", "-f", qemu, path])
 
@@ -56,6 +59,11 @@ async def run(ctx: Context) -> Output:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    artifact = {"cell": ctx.job.cell, "format": p["format"], "path": p["name"],
-                "size": dest.stat().st_size, "sha256": digest}
+    artifact = {
+        "cell": ctx.job.cell,
+        "format": p["format"],
+        "path": p["name"],
+        "size": dest.stat().st_size,
+        "sha256": digest,
+    }
     return Output(dest, {"artifact": artifact})

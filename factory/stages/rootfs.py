@@ -36,8 +36,10 @@ def host_sources() -> tuple[str, bool]:
         p = Path(path)
         if p.is_file():
             return p.read_text(), p.suffix == ".sources"
-    raise StageError("mirrors.debian = \"host\" but this machine has no "
-                     f"{' or '.join(debian.HOST_SOURCES)} (set a mirror URL in the matrix)")
+    raise StageError(
+        'mirrors.debian = "host" but this machine has no '
+        f"{' or '.join(debian.HOST_SOURCES)} (set a mirror URL in the matrix)"
+    )
 
 
 def sources(params: dict[str, object]) -> str:
@@ -46,29 +48,37 @@ def sources(params: dict[str, object]) -> str:
     if mirror == "host":
         text, deb822 = host_sources()
         try:
-            return debian.sources_for(release, debian.parse_sources(text, deb822), updates,
-                                      security)
+            return debian.sources_for(
+                release, debian.parse_sources(text, deb822), updates, security
+            )
         except debian.SourcesError as exc:
-            raise StageError(f"mirrors.debian = \"host\": {exc}") from None
+            raise StageError(f'mirrors.debian = "host": {exc}') from None
     return debian.sources_for_url(release, mirror, updates, security)
 
 
 def mmdebstrap_args(params: dict[str, object], target: Path, sources_file: Path) -> list[str]:
     packages = ",".join(map(str, params["packages"]))  # type: ignore[call-overload]
     return [
-        "mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
+        "mmdebstrap",
+        "--variant=minbase",
+        "--mode=root",
+        "--format=directory",
         f"--architectures={params['arch']}",
         f"--include={packages}",
-        "--aptopt=Acquire::Retries \"3\"",
+        '--aptopt=Acquire::Retries "3"',
         "--dpkgopt=force-unsafe-io",
         f"--essential-hook={DIVERT}",
         f"--customize-hook={UNDIVERT}",
-        str(params["release"]), str(target), str(sources_file),
+        str(params["release"]),
+        str(target),
+        str(sources_file),
     ]
 
 
-_INDEX_FAIL = re.compile(r"(?:Failed to fetch|Hash Sum mismatch|File has unexpected size).*?"
-                         r"dists/(?P<suite>[\w.-]+)/")
+_INDEX_FAIL = re.compile(
+    r"(?:Failed to fetch|Hash Sum mismatch|File has unexpected size).*?"
+    r"dists/(?P<suite>[\w.-]+)/"
+)
 
 
 def explain(exc: CommandError, arch: str) -> str:
@@ -78,8 +88,11 @@ def explain(exc: CommandError, arch: str) -> str:
         if m:
             suite = m["suite"]
             kind = suite.rsplit("-", 1)[-1] if "-" in suite else ""
-            hint = (f"set [mirrors] {kind} = false to leave it out"
-                    if kind in ("updates", "security") else "check the mirror")
+            hint = (
+                f"set [mirrors] {kind} = false to leave it out"
+                if kind in ("updates", "security")
+                else "check the mirror"
+            )
             return f"the mirror's index for {suite} ({arch}) failed to download ({hint})"
     return str(exc)
 
@@ -87,7 +100,7 @@ def explain(exc: CommandError, arch: str) -> str:
 async def run(ctx: Context) -> Output:
     p = ctx.job.params
     cache = ctx.ws.cache
-    meta = {"kind": "rootfs", "cell": ctx.job.cell}
+    meta: dict[str, object] = {"kind": "rootfs", "cell": ctx.job.cell}
     async with cache.lock(ctx.job.key):
         entry = cache.get(ctx.job.key)
         if entry is not None and not ctx.ws.refresh:
