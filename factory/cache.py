@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ class Entry:
     @property
     def root(self) -> Path:
         return self.path / "root"
+
+    @property
+    def log(self) -> Path:
+        """The log of the job that built it: how this tree came to be."""
+        return self.path / "build.log"
 
     def meta(self) -> dict[str, Any]:
         try:
@@ -108,6 +114,9 @@ class Cache:
         (tmp / "root").mkdir(parents=True)
         try:
             yield tmp / "root"
+            log = proc.current_log.get()
+            if log is not None and log.path.is_file():
+                shutil.copyfile(log.path, tmp / "build.log")
             (tmp / "meta.json").write_text(
                 json.dumps({**meta, "created": time.time()}, sort_keys=True)
             )

@@ -117,32 +117,29 @@ async def _drain(
     until: re.Pattern[str] | None = None,
     found: Callable[[], None] | None = None,
 ) -> None:
+    """Read a pipe to its end: kept bytes (`keep`), or lines to the log and the tail;
+    calls `found` and stops at the first line that matches `until`."""
     if stream is None:
         return
     pending = b""
     async for chunk in stream:
         if keep is not None:
             keep.extend(chunk)
-            continue
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        for raw in lines:
-            line = raw.decode(errors="replace").rstrip("\r")
-            if log is not None:
-                log.write(line)
-            if tail is not None:
-                tail.append(line)
-        if (
-            until is not None
-            and found is not None
-            and (
-                any(until.search(raw.decode(errors="replace")) for raw in lines)
-                or until.search(pending.decode(errors="replace"))
-            )
-        ):
-            found()
-            return
-    if pending:
+        texts = [raw.decode(errors="replace").rstrip("\r") for raw in lines]
+        if keep is None:
+            for line in texts:
+                if log is not None:
+                    log.write(line)
+                if tail is not None:
+                    tail.append(line)
+        if until is not None and found is not None:
+            partial = pending.decode(errors="replace")
+            if any(until.search(t) for t in texts) or until.search(partial):
+                found()
+                return
+    if pending and keep is None:
         line = pending.decode(errors="replace")
         if log is not None:
             log.write(line)
@@ -150,17 +147,20 @@ async def _drain(
             tail.append(line)
 
 
+def _kill_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
 async def _terminate(process: Process) -> None:
-    """Kill the process group: TERM first, KILL after a grace period. Shielded by the caller."""
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with anyio.move_on_after(KILL_GRACE):
-        await process.wait()
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    """Stop the whole process group: TERM, then KILL after a grace period. The group is
+    signalled even when its leader has exited: a child may still hold our pipes.
+    Shielded by the caller."""
+    _kill_group(process.pid, signal.SIGTERM)
+    if process.returncode is None:
+        with anyio.move_on_after(KILL_GRACE):
+            await process.wait()
+    _kill_group(process.pid, signal.SIGKILL)
     await process.wait()
 
 
@@ -196,15 +196,18 @@ async def run(
     out = bytearray() if capture else None
     pattern = re.compile(until) if until is not None else None
     matched = False
-    process = await anyio.open_process(
-        args,
-        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=cwd,
-        env=full_env,
-        start_new_session=True,
-    )
+    # Shielded: a cancel arriving while the pipes connect would otherwise kill only the
+    # leader and leave its children running; it is taken at the first await below.
+    with anyio.CancelScope(shield=True):
+        process = await anyio.open_process(
+            args,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=full_env,
+            start_new_session=True,
+        )
     try:
         with anyio.fail_after(timeout):
             async with anyio.create_task_group() as tg:

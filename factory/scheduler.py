@@ -106,9 +106,12 @@ class Scheduler:
         try:
             for dep in job.deps:
                 await self._finished[dep].wait()
-            failed = [d for d in job.deps if self.runs[d].status != "done"]
+            failed = [self.runs[d] for d in job.deps if self.runs[d].status != "done"]
             if failed:
-                run.status, run.error, run.finished = "skipped", f"{failed[0]} failed", time.time()
+                # Name the job that really failed, not a skipped one between it and us.
+                cause = failed[0].error if failed[0].status == "skipped" else None
+                run.status, run.finished = "skipped", time.time()
+                run.error = cause or f"{failed[0].job.id} failed"
                 self._emit("skipped", run, run.error)
                 return
             executor = self.route(job)

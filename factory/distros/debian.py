@@ -81,7 +81,9 @@ def parse_sources(text: str, deb822: bool) -> list[Stanza]:
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
                 if line[0].isspace() and key:
-                    fields[key] += " " + line.strip()
+                    # Continuation lines kept as they are: an embedded Signed-By key
+                    # block must be written back line by line.
+                    fields[key] += "\n" + line.rstrip()
                     continue
                 key, _, value = line.partition(":")
                 key = key.strip().lower()
@@ -114,6 +116,8 @@ def parse_sources(text: str, deb822: bool) -> list[Stanza]:
 
 
 def _suite_kind(suite: str) -> str:
+    if suite.endswith("/updates"):  # the security suite's name before bullseye
+        return "security"
     for kind in ("security", "updates", "backports", "proposed-updates"):
         if suite.endswith(f"-{kind}") or suite.endswith(f"/{kind}"):
             return kind

@@ -192,8 +192,9 @@ async def run(ctx: Context) -> Output:
         if entry is not None and not ctx.ws.refresh:
             cache.touch(entry)
             ctx.emit("from cache")
-            tree = entry.root
+            tree, cached = entry.root, True
         else:
+            cached = False
             meta: dict[str, object] = {"kind": "finalise", "cell": ctx.job.cell}
             async with cache.building(ctx.job.key, meta) as tree:
                 ctx.emit("copying tree")
@@ -211,4 +212,4 @@ async def run(ctx: Context) -> Output:
                 meta["bytes"] = du_bytes(tree)
             tree = cache.trees / ctx.job.key / "root"
     atomic_write(manifest_out, (tree / MANIFEST_DIR / f"{p['image_name']}.json").read_bytes())
-    return Output(tree, {"manifest": p["manifest"]})
+    return Output(tree, {"manifest": p["manifest"], "cached": cached})
