@@ -47,17 +47,32 @@ def round_mib(n: float) -> int:
     return -(-int(n) // MiB) * MiB
 
 
-def disk_size(usage: TreeUsage, layout: Layout, extra: int, fixed: int | None) -> DiskSize:
-    """The disk for a tree: the user's size, or data + slack + journal + extra, grown to
-    leave room for inode tables, and never fewer inodes than the tree has entries."""
-    overhead = layout.overhead_mib() * MiB
-    if fixed is not None:
-        fs = fixed - overhead
-        return DiskSize(fixed, fs, f"size {fixed // MiB} MiB as set in the matrix")
+class TooSmall(ValueError):
+    """The user's size cannot hold the tree."""
+
+
+def _needed_fs(usage: TreeUsage, extra: int) -> int:
     payload = usage.allocated * (1 + SLACK) + JOURNAL + extra
     by_data = payload / (1 - INODE_SIZE / BYTES_PER_INODE - METADATA)
     by_inodes = usage.entries * BYTES_PER_INODE * 1.2
-    fs = round_mib(max(by_data, by_inodes))
+    return round_mib(max(by_data, by_inodes))
+
+
+def disk_size(usage: TreeUsage, layout: Layout, extra: int, fixed: int | None) -> DiskSize:
+    """The disk for a tree: the user's size (whole MiB, big enough for the tree), or
+    data + slack + journal + extra, grown to leave room for inode tables, and never
+    fewer inodes than the tree has entries."""
+    overhead = layout.overhead_mib() * MiB
+    if fixed is not None:
+        disk = round_mib(fixed)
+        least = _needed_fs(usage, 0) + overhead
+        if disk < least:
+            raise TooSmall(
+                f"image.size {fixed / MiB:.0f} MiB cannot hold the tree "
+                f"({usage.allocated / MiB:.0f} MiB; set at least {least // MiB} MiB, or \"auto\")"
+            )
+        return DiskSize(disk, disk - overhead, f"size {disk // MiB} MiB as set in the matrix")
+    fs = _needed_fs(usage, extra)
     reason = (
         f"tree {usage.allocated / MiB:.0f} MiB in {usage.entries} inodes; "
         f"+{SLACK:.0%} slack, {JOURNAL // MiB} MiB journal, {extra / MiB:.0f} MiB extra_size, "

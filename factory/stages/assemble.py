@@ -11,7 +11,7 @@ from pathlib import Path
 
 from factory import layouts, proc, sizing
 from factory.fsutil import aside
-from factory.results import Output
+from factory.results import Output, StageError
 from factory.stages import Context, bootloader
 
 
@@ -47,7 +47,10 @@ async def run(ctx: Context) -> Output:
     layout = layouts.LAYOUTS[p["layout"]]
     tree = ctx.input_path("finalise")
     ctx.emit("sizing")
-    size = sizing.disk_size(sizing.measure(tree), layout, p["extra_size"], p["size"])
+    try:
+        size = sizing.disk_size(sizing.measure(tree), layout, p["extra_size"], p["size"])
+    except sizing.TooSmall as exc:
+        raise StageError(str(exc)) from None
     disk = ctx.cell_work / "disk.raw"
     tmp = aside(disk)
     try:

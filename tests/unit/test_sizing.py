@@ -146,3 +146,15 @@ def test_measure_sparse_file_counts_allocated_not_apparent(tmp_path: Path) -> No
     with open(f, "wb") as fh:
         fh.truncate(64 * MiB)
     assert measure(tmp_path).allocated < MiB
+
+
+def test_fixed_size_is_rounded_up_to_whole_mib() -> None:
+    usage = TreeUsage(allocated=10 * MiB, entries=100)
+    size = disk_size(usage, LAYOUTS["mbr"], 0, 1_000_000_000)  # "1GB", not whole MiB
+    assert size.disk % MiB == 0 and size.disk >= 1_000_000_000
+
+
+def test_fixed_size_too_small_for_the_tree_is_refused() -> None:
+    usage = TreeUsage(allocated=700 * MiB, entries=30000)
+    with pytest.raises(sizing.TooSmall, match=r"image.size 512 MiB cannot hold the tree.*at least"):
+        disk_size(usage, LAYOUTS["mbr"], 0, 512 * MiB)
