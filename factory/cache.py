@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from factory import proc
+from factory import proc, state
 
 DEFAULT_CACHE = Path("/var/cache/factory")
 LOCK_POLL = 0.5
@@ -112,6 +112,9 @@ class Cache:
         if tmp.exists():
             await remove_tree(tmp)
         (tmp / "root").mkdir(parents=True)
+        run = state.current()
+        if run is not None:  # mmdebstrap mounts inside it; a killed run leaves them
+            run.add_mount(tmp)
         try:
             yield tmp / "root"
             log = proc.current_log.get()
@@ -128,6 +131,8 @@ class Cache:
             if tmp.exists():
                 with anyio.CancelScope(shield=True):
                     await remove_tree(tmp)
+            if run is not None:
+                run.drop_mount(tmp)
 
     def touch(self, entry: Entry) -> None:
         """Mark an entry used now: prune removes the least recently used first."""

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,13 +14,11 @@ import anyio
 import typer
 
 from factory import plan as planning
-from factory import report
-from factory.cache import DEFAULT_CACHE, Cache, remove_tree
-from factory.events import Bus, Event, JsonSink, PlainSink
-from factory.executors.local import LocalExecutor
-from factory.scheduler import JobRun, Scheduler, default_jobs
+from factory import state
+from factory.cache import DEFAULT_CACHE, Cache
+from factory.runner import EXIT_FAILED, EXIT_USAGE, Options, RunRefused, run_plan
+from factory.scheduler import default_jobs
 from factory.spec import Matrix, MatrixError, load_matrix
-from factory.stages import Workspace
 
 app = typer.Typer(
     add_completion=False,
@@ -32,8 +28,6 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(no_args_is_help=True, help="The tree cache.")
 app.add_typer(cache_app, name="cache")
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 MatrixArg = Annotated[Path, typer.Argument(help="the matrix file (TOML)", show_default=False)]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="tree cache folder")]
@@ -98,71 +92,32 @@ def run(
     m = _load(matrix)
     p = _select(m, planning.make_plan(m), only or [])
     out_dir = (out or Path("out") / m.name).absolute()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise fail_usage(f"{out_dir}: --out: cannot create ({exc.strerror})") from None
     mode = events if events != "auto" else ("rich" if sys.stderr.isatty() else "plain")
-    code = anyio.run(_run, m, p, out_dir, jobs or default_jobs(), fail_fast, mode, cache, refresh)
+    opts = Options(
+        out=out_dir,
+        cache=cache.absolute(),
+        jobs=jobs or default_jobs(),
+        fail_fast=fail_fast,
+        refresh=refresh,
+        events=mode,
+    )
+    try:
+        code = anyio.run(run_plan, m, p, opts)
+    except RunRefused as exc:
+        raise fail_usage(str(exc)) from None
     raise typer.Exit(code)
 
 
-async def _run(
-    m: Matrix,
-    p: planning.Plan,
-    out: Path,
-    jobs: int,
-    fail_fast: bool,
-    mode: str,
-    cache_dir: Path,
-    refresh: bool,
-) -> int:
-    from factory.progress import RichSink
+@app.command()
+def clean(cache: CacheOpt = DEFAULT_CACHE) -> None:
+    """Undo what killed runs left behind: their processes, mounts and half-built trees."""
+    for line in state.clean_leftovers():
+        print(line)
 
-    try:
-        cache = await Cache(cache_dir).open()
-    except OSError as exc:
-        print(f"{cache_dir}: --cache: cannot use ({exc.strerror})", file=sys.stderr)
-        return EXIT_USAGE
-    rich = RichSink() if mode == "rich" else None
-    bus = Bus(rich if rich else JsonSink() if mode == "json" else PlainSink())
-    executor = LocalExecutor(Workspace(out, cache, refresh), jobs)
-    sched = Scheduler(p, lambda job: executor, bus, out / "logs", fail_fast=fail_fast)
-    started = time.time()
-    interrupted = False
-    if rich:
-        rich.__enter__()
-    try:
-        bus.emit(Event("run-start", data={"matrix": m.name, "jobs": len(p.jobs), "out": str(out)}))
-        async with anyio.create_task_group() as tg:
+    async def tidy() -> None:
+        await Cache(cache).open()
 
-            async def watch_signals() -> None:
-                nonlocal interrupted
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        interrupted = True
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_signals)
-            await sched.run()
-            tg.cancel_scope.cancel()
-    finally:
-        status = _status(sched.runs.values(), interrupted)
-        with anyio.CancelScope(shield=True):
-            report.write(out, m.name, started, time.time(), status, sched.runs.values())
-            await remove_tree(out / ".work")
-        bus.emit(Event("run-end", data={"status": status, "out": str(out)}))
-        if rich:
-            rich.__exit__(None, None, None)
-    return {"built": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)
-
-
-def _status(runs: Iterable[JobRun], interrupted: bool) -> str:
-    if interrupted:
-        return "interrupted"
-    statuses = {r.status for r in runs}
-    return "built" if statuses <= {"done"} else "failed"
+    anyio.run(tidy)
 
 
 @app.command()

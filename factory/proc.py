@@ -25,6 +25,8 @@ from typing import IO
 import anyio
 from anyio.abc import ByteReceiveStream, Process
 
+from factory import state
+
 TAIL_LINES = 20
 KILL_GRACE = 5.0
 
@@ -208,6 +210,9 @@ async def run(
             env=full_env,
             start_new_session=True,
         )
+    run_state = state.current()
+    if run_state is not None:
+        run_state.add_group(process.pid)
     try:
         with anyio.fail_after(timeout):
             async with anyio.create_task_group() as tg:
@@ -233,6 +238,9 @@ async def run(
             await _terminate(process)
             await process.aclose()
         raise
+    finally:
+        if run_state is not None:
+            run_state.drop_group(process.pid)
     await process.aclose()
     code = process.returncode
     assert code is not None

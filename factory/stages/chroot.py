@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from factory import proc
+from factory import proc, state
 
 BINDS: tuple[tuple[str, Sequence[str]], ...] = (
     ("proc", ("-t", "proc", "proc")),
@@ -43,6 +43,8 @@ async def bound(tree: Path) -> AsyncIterator[Path]:
         for name, how in BINDS:
             target = tree / name
             target.mkdir(exist_ok=True)
+            if (run := state.current()) is not None:
+                run.add_mount(target)
             await proc.run(["mount", *how, target])
             done.append(target)
         yield tree
@@ -52,6 +54,8 @@ async def bound(tree: Path) -> AsyncIterator[Path]:
                 result = await proc.run(["umount", target], check=False)
                 if result.returncode != 0 and mounted(target):
                     await proc.run(["umount", "--lazy", target], check=False)
+                if (run := state.current()) is not None and not mounted(target):
+                    run.drop_mount(target)
 
 
 async def run_in(

@@ -1,0 +1,136 @@
+"""One run of a plan, with everything around the scheduler: the cache, the progress
+display, signals, the out folder's lock, the state file, the report, the clean-up."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from factory import report, state
+from factory.cache import Cache, remove_tree
+from factory.events import Bus, Event, JsonSink, PlainSink
+from factory.executors.local import LocalExecutor
+from factory.plan import Plan
+from factory.routing import router
+from factory.scheduler import JobRun, Scheduler
+from factory.spec import Matrix
+from factory.stages import Workspace
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class RunRefused(Exception):
+    """The run cannot start; the message says why and what to do (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    out: Path
+    cache: Path
+    jobs: int
+    fail_fast: bool = False
+    refresh: bool = False
+    events: str = "plain"  # rich | plain | json
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """One run at a time writes an out folder; a second one stops at once and says so."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunRefused(
+                f"{out}: --out: another factory run (pid {holder}) is writing this folder "
+                "(wait for it to finish, or give another --out)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def status_of(runs: Iterable[JobRun], interrupted: bool) -> str:
+    if interrupted:
+        return "interrupted"
+    return "built" if {r.status for r in runs} <= {"done"} else "failed"
+
+
+def _sink(mode: str) -> tuple[Bus, contextlib.AbstractContextManager[object]]:
+    if mode == "rich":
+        from factory.progress import RichSink
+
+        rich = RichSink()
+        return Bus(rich), rich
+    return Bus(JsonSink() if mode == "json" else PlainSink()), contextlib.nullcontext()
+
+
+async def run_plan(matrix: Matrix, plan: Plan, opts: Options) -> int:
+    """Run the plan into opts.out; returns the exit code. Raises RunRefused before any
+    work when the run cannot start."""
+    try:
+        opts.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunRefused(f"{opts.out}: --out: cannot create ({exc.strerror})") from None
+    with out_lock(opts.out), state.recording(out=str(opts.out), cache=str(opts.cache)):
+        for line in state.clean_leftovers():
+            print(f"factory: cleaned up after a killed run: {line}", file=sys.stderr)
+        try:
+            cache = await Cache(opts.cache).open()
+        except OSError as exc:
+            raise RunRefused(f"{opts.cache}: --cache: cannot use ({exc.strerror})") from None
+        await remove_tree(opts.out / ".work")  # a killed run's intermediates
+        bus, display = _sink(opts.events)
+        with display:
+            return await _schedule(matrix, plan, opts, cache, bus)
+
+
+async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus: Bus) -> int:
+    local = LocalExecutor(Workspace(opts.out, cache, opts.refresh), opts.jobs)
+    started = time.time()
+    interrupted = False
+    sched: Scheduler | None = None
+    try:
+        bus.emit(
+            Event(
+                "run-start",
+                data={"matrix": matrix.name, "jobs": len(plan.jobs), "out": str(opts.out)},
+            )
+        )
+        async with router(matrix, local) as route, anyio.create_task_group() as tg:
+            sched = Scheduler(plan, route, bus, opts.out / "logs", fail_fast=opts.fail_fast)
+
+            async def watch_signals() -> None:
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_signals)
+            await sched.run()
+            tg.cancel_scope.cancel()
+    finally:
+        runs = list(sched.runs.values()) if sched else []
+        status = status_of(runs, interrupted)
+        with anyio.CancelScope(shield=True):
+            report.write(opts.out, matrix.name, started, time.time(), status, runs)
+            await remove_tree(opts.out / ".work")
+        bus.emit(Event("run-end", data={"status": status, "out": str(opts.out)}))
+    return {"built": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)

@@ -1,0 +1,155 @@
+"""Stopped at a bad moment, a run leaves nothing behind: no mount, no process, no partial
+tree in the cache, no half-written artifact; killed outright, the next run cleans up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FACTORY, ROOT
+from tests.integration.conftest import CACHE, DATA
+
+CELL = "debian-bookworm-amd64"
+
+
+class Running:
+    """A `factory run` in the background whose JSON events can be waited for."""
+
+    def __init__(self, matrix: Path, out: Path, cache: Path, *args: str) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            [
+                *FACTORY,
+                "run",
+                str(matrix),
+                "--out",
+                str(out),
+                "--cache",
+                str(cache),
+                "--events",
+                "json",
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_for(
+        self, kind: str, job_kind: str, message: str = "", timeout: float = 600
+    ) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            if (
+                event["kind"] == kind
+                and event["job_kind"] == job_kind
+                and message in event["message"]
+            ):
+                return dict(event)
+            assert time.monotonic() < deadline, f"no {kind} {job_kind} {message!r} in time"
+        raise AssertionError(
+            f"the run ended before {kind} {job_kind} {message!r}: "
+            f"{self.proc.wait()} {self.proc.stderr.read() if self.proc.stderr else ''}"
+        )
+
+    def stop(self, sig: signal.Signals) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=60)
+        if self.proc.stdout:
+            self.proc.stdout.read()
+        return code
+
+    def report(self) -> dict[str, object]:
+        data: dict[str, object] = json.loads((self.out / "report.json").read_text())
+        return data
+
+
+def mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        return [line.split()[4] for line in fh if line.split()[4].startswith(str(path))]
+
+
+def processes(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in out.stdout.split()]
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path) -> Iterator[Path]:
+    cache = tmp_path / "cache"
+    yield cache
+    assert mounts_under(cache) == []
+
+
+def assert_clean(out: Path, cache: Path, pid: int) -> None:
+    """Nothing of run `pid` is left (other runs may share the cache)."""
+    ours = [p for p in (cache / "tmp").iterdir() if p.name.endswith(f".{pid}")]
+    assert ours == []
+    assert [m for m in mounts_under(cache / "tmp") if f".{pid}/" in m] == []
+    assert processes("sleep 600") == []
+    assert not (out / ".work").exists()
+    assert [p for p in out.rglob("*") if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_inside_the_chroot_undoes_everything(tmp_path: Path, sig: signal.Signals) -> None:
+    run = Running(DATA / "slow-hook.toml", tmp_path / "out", CACHE)
+    run.wait_for("progress", "finalise", "hook")
+    time.sleep(1)
+    assert [m for m in mounts_under(CACHE / "tmp") if f".{run.proc.pid}/" in m], (
+        "the hook should be running inside a bound chroot"
+    )
+    assert run.stop(sig) == 130
+    report = run.report()
+    assert report["status"] == "interrupted"
+    jobs = {j["id"]: j for j in report["jobs"]}  # type: ignore[attr-defined]
+    assert jobs[f"finalise:{CELL}"]["status"] == "cancelled"
+    assert jobs[f"assemble:{CELL}"]["status"] == "skipped"
+    assert not (CACHE / "trees" / jobs[f"finalise:{CELL}"]["key"]).exists()
+    assert_clean(tmp_path / "out", CACHE, run.proc.pid)
+    assert report["artifacts"] == []
+
+
+def test_signal_during_mmdebstrap_leaves_no_partial_tree(
+    tmp_path: Path, private_cache: Path
+) -> None:
+    run = Running(DATA / "slow-hook.toml", tmp_path / "out", private_cache)
+    run.wait_for("progress", "rootfs", "mmdebstrap")
+    time.sleep(6)  # into package installation, when mmdebstrap has mounts in the tree
+    assert run.stop(signal.SIGTERM) == 130
+    assert processes(f"mmdebstrap.*{private_cache}") == []
+    assert list((private_cache / "trees").iterdir()) == []
+    assert_clean(tmp_path / "out", private_cache, run.proc.pid)
+
+
+def test_after_sigkill_factory_clean_removes_what_was_left(tmp_path: Path) -> None:
+    state_dir = Path(os.environ.get("FACTORY_STATE_DIR", "/run/factory"))
+    run = Running(DATA / "slow-hook.toml", tmp_path / "out", CACHE)
+    run.wait_for("progress", "finalise", "hook")
+    time.sleep(1)
+    run.proc.kill()  # the factory process alone: its children and mounts stay
+    run.proc.wait()
+    assert [m for m in mounts_under(CACHE / "tmp") if f".{run.proc.pid}/" in m]
+    assert processes("sleep 600")
+    assert list(state_dir.glob(f"run-{run.proc.pid}.json"))
+    done = subprocess.run(
+        [*FACTORY, "clean", "--cache", str(CACHE)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "unmounted" in done.stdout and "killed process group" in done.stdout
+    assert not list(state_dir.glob(f"run-{run.proc.pid}.json"))
+    time.sleep(0.5)
+    assert_clean(tmp_path / "out", CACHE, run.proc.pid)
