@@ -69,7 +69,7 @@ def disk_size(usage: TreeUsage, layout: Layout, extra: int, fixed: int | None) -
         if disk < least:
             raise TooSmall(
                 f"image.size {fixed / MiB:.0f} MiB cannot hold the tree "
-                f"({usage.allocated / MiB:.0f} MiB; set at least {least // MiB} MiB, or \"auto\")"
+                f'({usage.allocated / MiB:.0f} MiB; set at least {least // MiB} MiB, or "auto")'
             )
         return DiskSize(disk, disk - overhead, f"size {disk // MiB} MiB as set in the matrix")
     fs = _needed_fs(usage, extra)
