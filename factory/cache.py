@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +87,13 @@ class Cache:
         )
 
     @contextlib.asynccontextmanager
-    async def lock(self, key: str) -> AsyncIterator[None]:
-        """Hold the key's lock; waits (cancellably) while another run holds it."""
+    async def lock(
+        self, key: str, waiting: Callable[[str], None] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold the key's lock; waits (cancellably) while another run holds it, saying so
+        once through `waiting`."""
         fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        said = False
         try:
             while True:
                 try:
@@ -98,7 +102,12 @@ class Cache:
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                    proc.note(f"waiting for cache lock {key[:12]} held by another run")
+                    if said is False:
+                        said = True
+                        message = f"waiting: another run is building tree {key[:12]}"
+                        proc.note(message)
+                        if waiting is not None:
+                            waiting(message)
                     await anyio.sleep(LOCK_POLL)
             yield
         finally:

@@ -130,7 +130,14 @@ async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus
         runs = list(sched.runs.values()) if sched else []
         status = status_of(runs, interrupted)
         with anyio.CancelScope(shield=True):
-            report.write(opts.out, matrix.name, started, time.time(), status, runs)
-            await remove_tree(opts.out / ".work")
+            await remove_tree(opts.out / ".work")  # first: it frees space on a full disk
+            try:
+                report.write(opts.out, matrix.name, started, time.time(), status, runs)
+            except OSError as exc:
+                print(
+                    f"factory: {opts.out}: could not write the report ({exc.strerror})",
+                    file=sys.stderr,
+                )
+                status = "failed" if status == "built" else status
         bus.emit(Event("run-end", data={"status": status, "out": str(opts.out)}))
     return {"built": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)

@@ -187,7 +187,7 @@ async def run(ctx: Context) -> Output:
     cache = ctx.ws.cache
     source = ctx.input_path("rootfs")
     manifest_out = ctx.ws.out / p["manifest"]
-    async with cache.lock(ctx.job.key):
+    async with cache.lock(ctx.job.key, ctx.emit):
         entry = cache.get(ctx.job.key)
         if entry is not None and not ctx.ws.refresh:
             cache.touch(entry)

@@ -8,7 +8,10 @@ afterwards; finalise builds it once.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
+
+import anyio
 
 from factory import proc
 from factory.cache import Entry, du_bytes
@@ -28,6 +31,45 @@ UNDIVERT = (
     'chroot "$1" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.factory '
     "--remove /usr/sbin/update-initramfs"
 )
+
+
+# Debian arch → the qemu-user binfmt entry (package qemu-user-static) that runs it.
+QEMU_USER = {"amd64": "x86_64", "arm64": "aarch64", "ppc64el": "ppc64le"}
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+BINFMT_ENTRIES = Path("/usr/share/binfmts")
+_binfmt_lock = anyio.Lock()
+
+
+async def host_arch() -> str:
+    return (await proc.run(["dpkg", "--print-architecture"], capture=True)).text.strip()
+
+
+async def ensure_runnable(arch: str) -> None:
+    """Make sure programs of `arch` run here (maintainer scripts, chroot commands), through
+    qemu-user and binfmt_misc when foreign. binfmt_misc is mounted and the entry enabled
+    for the whole machine, as systemd would, and left so: other builds may be using it."""
+    if arch == await host_arch():
+        return
+    qemu = QEMU_USER.get(arch)
+    if qemu is None or not (BINFMT_ENTRIES / f"qemu-{qemu}").is_file():
+        raise StageError(
+            f"cannot run {arch} programs on this machine: install qemu-user-static "
+            "(and binfmt-support)"
+        )
+    async with _binfmt_lock:
+        if not (BINFMT / "register").exists():
+            await proc.run(["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT])
+        entry = BINFMT / f"qemu-{qemu}"
+        if not entry.exists() or not entry.read_text().startswith("enabled"):
+            await proc.run(["update-binfmts", "--enable", f"qemu-{qemu}"])
+        if shutil.which("arch-test") is None:
+            raise StageError(f"cannot check that {arch} programs run here: install arch-test")
+        test = await proc.run(["arch-test", arch], check=False, capture=True)
+    if test.returncode != 0:
+        raise StageError(
+            f"{arch} programs do not run here through qemu-{qemu} "
+            f"(arch-test: {test.text.strip() or 'failed'})"
+        )
 
 
 def host_sources() -> tuple[str, bool]:
@@ -101,7 +143,7 @@ async def run(ctx: Context) -> Output:
     p = ctx.job.params
     cache = ctx.ws.cache
     meta: dict[str, object] = {"kind": "rootfs", "cell": ctx.job.cell}
-    async with cache.lock(ctx.job.key):
+    async with cache.lock(ctx.job.key, ctx.emit):
         entry = cache.get(ctx.job.key)
         if entry is not None and not ctx.ws.refresh:
             cache.touch(entry)
@@ -110,6 +152,7 @@ async def run(ctx: Context) -> Output:
             return Output(entry.root, {"cached": True})
         sources_file = ctx.cell_work / "apt.sources"
         sources_file.write_text(sources(p))
+        await ensure_runnable(str(p["arch"]))
         async with cache.building(ctx.job.key, meta) as root:
             ctx.emit("mmdebstrap")
             try:
