@@ -58,13 +58,25 @@ class Bus:
             sink(event)
 
 
+def summary(event: Event) -> str:
+    """The last line of a run: what came of it and where to look."""
+    d = event.data
+    text = f"run {d.get('status')}: {d.get('artifacts', 0)} artifacts in {d.get('out')}"
+    text += f" ({d.get('seconds', 0):.0f} s)"
+    failed = d.get("failed") or []
+    if failed:
+        more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+        text += f"; {failed[0]}{more} failed (see report.json and logs/)"
+    return text
+
+
 def _describe(event: Event) -> str:
     what = event.job or ""
     where = f" on {event.host}" if event.host else ""
     if event.kind == "run-start":
         return f"run {event.data.get('matrix')}: {event.data.get('jobs')} jobs"
     if event.kind == "run-end":
-        return f"run {event.data.get('status')}"
+        return summary(event)
     if event.kind == "artifact":
         return f"artifact {event.data.get('path')} ({event.data.get('size')} bytes)"
     text = f"{event.kind:<9} {what}{where}"

@@ -15,7 +15,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from factory.events import Event
+from factory.events import Event, summary
 
 _END = {
     "done": "[green]done[/]",
@@ -67,5 +67,7 @@ class RichSink:
             if event.kind != "done" or event.job_kind in ("publish", "rootfs", "assemble"):
                 detail = f": {event.message}" if event.message else ""
                 p.console.print(f"{_END[event.kind]} {event.job}{detail}", highlight=False)
+        elif event.kind == "run-end":
+            p.console.print(summary(event), highlight=False)
         elif event.kind == "artifact":
             p.console.print(f"  → {event.data.get('path')}", highlight=False)

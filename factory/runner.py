@@ -139,5 +139,16 @@ async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus
                     file=sys.stderr,
                 )
                 status = "failed" if status == "built" else status
-        bus.emit(Event("run-end", data={"status": status, "out": str(opts.out)}))
+        bus.emit(
+            Event(
+                "run-end",
+                data={
+                    "status": status,
+                    "out": str(opts.out),
+                    "seconds": round(time.time() - started, 1),
+                    "artifacts": len(report.artifacts(runs)),
+                    "failed": [r.job.id for r in runs if r.status == "failed"],
+                },
+            )
+        )
     return {"built": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)

@@ -39,6 +39,7 @@ def fullest(folders: list[Path]) -> tuple[Path, int]:
     space, folder = min(free)
     return folder, space
 
+
 Stage = Callable[[Context], Awaitable[Output]]
 
 
