@@ -153,3 +153,33 @@ def test_after_sigkill_factory_clean_removes_what_was_left(tmp_path: Path) -> No
     assert not list(state_dir.glob(f"run-{run.proc.pid}.json"))
     time.sleep(0.5)
     assert_clean(tmp_path / "out", CACHE, run.proc.pid)
+
+
+def assert_only_whole_artifacts(out: Path) -> None:
+    """Every file under a final name in OUT is whole: it matches its .sha256."""
+    for sums in out.glob(f"{CELL}/*.sha256"):
+        digest, name = sums.read_text().split()
+        artifact = sums.parent / name
+        if artifact.exists():
+            got = subprocess.run(
+                ["sha256sum", artifact], capture_output=True, text=True, check=True
+            ).stdout.split()[0]
+            assert got == digest, artifact
+    for path in out.glob(f"{CELL}/*"):
+        if not path.name.endswith((".sha256", ".manifest.json")):
+            assert path.with_name(path.name + ".sha256").exists(), path
+
+
+@pytest.mark.parametrize("stage", ["assemble", "convert", "pack", "publish"])
+def test_interrupt_at_each_disk_stage(tmp_path: Path, stage: str) -> None:
+    """SIGINT as soon as a job of `stage` starts (trees come from the cache)."""
+    run = Running(DATA / "raw-qcow2.toml", tmp_path / "out", CACHE)
+    run.wait_for("start", stage)
+    assert run.stop(signal.SIGINT) == 130
+    report = run.report()
+    assert report["status"] == "interrupted"
+    statuses = {j["status"] for j in report["jobs"]}  # type: ignore[attr-defined]
+    assert "cancelled" in statuses
+    assert_clean(tmp_path / "out", CACHE, run.proc.pid)
+    assert_only_whole_artifacts(tmp_path / "out")
+    assert sorted(processes("qemu-img")) == []
