@@ -87,9 +87,14 @@ def run(
     ] = "auto",
     cache: CacheOpt = DEFAULT_CACHE,
     refresh: Annotated[bool, typer.Option(help="rebuild cached trees")] = False,
+    boot_test: Annotated[
+        bool, typer.Option("--boot-test", help="boot each cell's disk in QEMU to a login prompt")
+    ] = False,
 ) -> None:
     """Build every image of MATRIX."""
     m = _load(matrix)
+    if boot_test:
+        m = m.model_copy(update={"image": m.image.model_copy(update={"boot_test": True})})
     p = _select(m, planning.make_plan(m), only or [])
     out_dir = (out or Path("out") / m.name).absolute()
     mode = events if events != "auto" else ("rich" if sys.stderr.isatty() else "plain")
@@ -191,6 +196,14 @@ def cache_prune(
         return removed
 
     print(f"removed {anyio.run(prune)} trees")
+
+
+@app.command()
+def worker() -> None:
+    """Run a sub-plan sent by a controller as JSON on stdin (over SSH); events on stdout."""
+    from factory import worker as remote_worker
+
+    raise typer.Exit(remote_worker.main())
 
 
 def main() -> None:

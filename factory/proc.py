@@ -139,6 +139,11 @@ async def _drain(
         if until is not None and found is not None:
             partial = pending.decode(errors="replace")
             if any(until.search(t) for t in texts) or until.search(partial):
+                if partial and keep is None:  # a prompt ends without a newline: keep it
+                    if log is not None:
+                        log.write(partial)
+                    if tail is not None:
+                        tail.append(partial)
                 found()
                 return
     if pending and keep is None:
