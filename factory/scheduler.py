@@ -7,6 +7,8 @@ jobs here, under emulation, or on a remote worker, and the worker reuses it unch
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import time
 import traceback
@@ -18,6 +20,7 @@ from typing import Any, Literal, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
+from factory import formats
 from factory.events import Bus, Event, EventKind
 from factory.plan import Job, Plan
 from factory.proc import CommandError, logging_to
@@ -55,6 +58,60 @@ class Executor(Protocol):
 Router = Callable[[Job], Executor]
 
 
+class PriorityGate:
+    """Hands a limiter's slots to the waiting job of highest rank, not the first come:
+    anyio's CapacityLimiter is FIFO, and the order jobs become ready (plan order) would
+    start quick packs before a long conversion that then ends the run alone."""
+
+    def __init__(self, slots: float) -> None:
+        self._free = slots
+        self._waiting: list[tuple[float, int, anyio.Event]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, rank: float) -> None:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+            return
+        entry = (-rank, next(self._order), anyio.Event())
+        heapq.heappush(self._waiting, entry)
+        try:
+            await entry[2].wait()
+        except BaseException:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            else:  # the slot was handed over as we were cancelled: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        if self._waiting:
+            heapq.heappop(self._waiting)[2].set()
+        else:
+            self._free += 1
+
+
+def ranks(plan: Plan) -> dict[str, float]:
+    """Each job's estimated cost plus the longest chain of estimated costs after it: run
+    highest first, the classic critical-path list schedule (pure)."""
+    children: dict[str, list[str]] = {job.id: [] for job in plan.jobs}
+    for job in plan.jobs:
+        for dep in job.deps:
+            children[dep].append(job.id)
+    jobs = plan.by_id()
+    rank: dict[str, float] = {}
+
+    def of(jid: str) -> float:
+        if jid not in rank:
+            after = max((of(c) for c in children[jid]), default=0.0)
+            rank[jid] = formats.job_cost(jobs[jid].kind, jobs[jid].params) + after
+        return rank[jid]
+
+    for job in plan.jobs:
+        of(job.id)
+    return rank
+
+
 class Scheduler:
     def __init__(
         self, plan: Plan, route: Router, bus: Bus, logs: Path, *, fail_fast: bool = False
@@ -67,6 +124,8 @@ class Scheduler:
         self.runs: dict[str, JobRun] = {job.id: JobRun(job) for job in plan.jobs}
         self._finished = {job.id: anyio.Event() for job in plan.jobs}
         self._group: TaskGroup | None = None
+        self._rank = ranks(plan)
+        self._gates: dict[int, PriorityGate] = {}
 
     def log_path(self, job: Job) -> Path:
         return self.logs / f"{job.id.replace(':', '_')}.log"
@@ -116,8 +175,14 @@ class Scheduler:
                 return
             executor = self.route(job)
             inputs = {d: self.runs[d].output or Output() for d in job.deps}
-            async with executor.limiter(job):
-                await self._execute(run, executor, inputs)
+            limiter = executor.limiter(job)
+            gate = self._gates.setdefault(id(limiter), PriorityGate(limiter.total_tokens))
+            await gate.acquire(self._rank[job.id])
+            try:
+                async with limiter:
+                    await self._execute(run, executor, inputs)
+            finally:
+                gate.release()
         finally:
             self._finished[job.id].set()
 
@@ -136,6 +201,7 @@ class Scheduler:
                 raise
             except Exception as exc:  # a job's failure is data; only cancellation propagates
                 run.status, run.finished = "failed", time.time()
+                run.host = executor.host  # a remote job may have moved to another host
                 if isinstance(exc, CommandError):
                     log.write(f"# {exc}")
                     run.error, run.tail = str(exc), exc.tail
@@ -150,7 +216,7 @@ class Scheduler:
                 if self.fail_fast and self._group is not None:
                     self._group.cancel_scope.cancel()
                 return
-        run.status, run.finished = "done", time.time()
+        run.status, run.finished, run.host = "done", time.time(), executor.host
         info = dict(run.output.info) if run.output else {}
         self._emit("done", run, "", seconds=round(run.finished - run.started, 3), info=info)
         if "artifact" in info:

@@ -23,6 +23,7 @@ class Workspace:
     out: Path
     cache: Cache
     refresh: bool = False
+    cpus: int | None = None  # threads one job's tool may use: the run's --jobs; None: the cores
 
     @property
     def work(self) -> Path:

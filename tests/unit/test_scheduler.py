@@ -395,3 +395,53 @@ async def test_many_small_jobs_finish(tmp_path: Path, slots: int) -> None:
     runs, _, _ = await run_plan(plan(*jobs), ex, tmp_path)
     assert set(statuses(runs).values()) == {"done"}
     assert ex.max_active <= slots
+
+
+def test_long_chains_rank_first() -> None:
+    from factory.plan import make_plan
+    from factory.scheduler import ranks
+    from factory.spec import load_matrix
+
+    rank = ranks(make_plan(load_matrix("matrix/bench.toml")))
+    cell = "debian-bookworm-amd64"
+    assert rank[f"convert:{cell}:vmdk"] > rank[f"pack:{cell}:tgz"] > rank[f"pack:{cell}:tar"]
+    assert rank[f"assemble:{cell}"] > rank[f"convert:{cell}:vmdk"]
+
+
+def test_gate_hands_slots_to_the_highest_rank() -> None:
+    from factory.scheduler import PriorityGate
+
+    order: list[float] = []
+
+    async def main() -> None:
+        gate = PriorityGate(1)
+        await gate.acquire(0)
+
+        async def job(rank: float) -> None:
+            await gate.acquire(rank)
+            order.append(rank)
+            gate.release()
+
+        async with anyio.create_task_group() as tg:
+            for rank in (1.0, 5.0, 3.0):
+                tg.start_soon(job, rank)
+            await anyio.wait_all_tasks_blocked()
+            gate.release()
+
+    anyio.run(main)
+    assert order == [5.0, 3.0, 1.0]
+
+
+def test_cancelled_waiter_gives_its_place_up() -> None:
+    from factory.scheduler import PriorityGate
+
+    async def main() -> None:
+        gate = PriorityGate(1)
+        await gate.acquire(0)
+        with anyio.move_on_after(0.01):
+            await gate.acquire(9)
+        gate.release()
+        with anyio.fail_after(1):
+            await gate.acquire(1)
+
+    anyio.run(main)
