@@ -10,12 +10,22 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from factory.executors.local import LocalExecutor
+from factory.plan import Plan
 from factory.scheduler import Router
 from factory.spec import Matrix
 
 
 @contextlib.asynccontextmanager
-async def router(matrix: Matrix, local: LocalExecutor) -> AsyncIterator[Router]:
-    """Every job runs here until remote hosts are wired in."""
-    del matrix
-    yield lambda job: local
+async def router(matrix: Matrix, local: LocalExecutor, plan: Plan) -> AsyncIterator[Router]:
+    """Jobs of cells whose arch has `[[hosts]]` go to those hosts (one cell, one host at a
+    time; see executors/ssh.py); every other job runs here. Connections are opened only
+    when some cell of the plan needs a host."""
+    hosts = matrix.hosts
+    needed = {job.arch for job in plan.jobs}
+    if not any(set(h.arches) & needed for h in hosts):
+        yield lambda job: local
+        return
+    from factory.executors import ssh  # asyncssh only when there is a host to talk to
+
+    async with ssh.farm(hosts, matrix.fallback, plan, local) as farm:
+        yield farm.route

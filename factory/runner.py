@@ -101,7 +101,7 @@ async def run_plan(matrix: Matrix, plan: Plan, opts: Options) -> int:
 
 
 async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus: Bus) -> int:
-    local = LocalExecutor(Workspace(opts.out, cache, opts.refresh), opts.jobs)
+    local = LocalExecutor(Workspace(opts.out, cache, opts.refresh, cpus=opts.jobs), opts.jobs)
     started = time.time()
     interrupted = False
     sched: Scheduler | None = None
@@ -112,7 +112,7 @@ async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus
                 data={"matrix": matrix.name, "jobs": len(plan.jobs), "out": str(opts.out)},
             )
         )
-        async with router(matrix, local) as route, anyio.create_task_group() as tg:
+        async with router(matrix, local, plan) as route, anyio.create_task_group() as tg:
             sched = Scheduler(plan, route, bus, opts.out / "logs", fail_fast=opts.fail_fast)
 
             async def watch_signals() -> None:

@@ -252,6 +252,31 @@ def _local_path(value: str, info: ValidationInfo) -> Path:
     return (Path(base) if base else Path.cwd()) / expanded
 
 
+_COMMAND = re.compile(r"[A-Za-z0-9_./+][A-Za-z0-9_./+-]{0,254}")
+_REMOTE_PATH = re.compile(r"/[A-Za-z0-9_./+-]{0,4095}")
+
+
+def _command(value: str) -> str:
+    """The program that starts factory on a host: it is the one word of the remote command line
+    a matrix sets, so it may hold no shell syntax at all."""
+    if not _COMMAND.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a command (factory on the PATH, or a full path such as "
+            "/opt/factory/.venv/bin/factory: letters, digits and _ . / + -, no spaces or arguments)"
+        )
+    return value
+
+
+def _remote_path(value: str) -> str:
+    """A folder on a build host: sent as JSON data, never parsed by a shell, but kept plain."""
+    if not _REMOTE_PATH.fullmatch(value) or ".." in value.split("/"):
+        raise ValueError(
+            f"{value!r} is not a plain absolute path on the host (e.g. /var/tmp/factory: "
+            "letters, digits and _ . / + -, no '..')"
+        )
+    return value
+
+
 def _default_known_hosts() -> Path:
     try:
         return Path("~/.ssh/known_hosts").expanduser()
@@ -400,6 +425,11 @@ class Host(_Model):
     arches: Annotated[tuple[Arch, ...], AfterValidator(_listing("arch", '["ppc64el"]'))]
     jobs: Annotated[StrictInt, Field(ge=1)] = 1
     trust_unknown_hosts: StrictBool = False
+    # How to start factory there: the remote command line is this + " worker", nothing else.
+    command: Annotated[str, AfterValidator(_command)] = "factory"
+    # Where the worker keeps its temporary folders and its tree cache, on the host.
+    workdir: Annotated[str, AfterValidator(_remote_path)] = "/var/tmp/factory"
+    cache: Annotated[str, AfterValidator(_remote_path)] = "/var/cache/factory"
 
 
 class Matrix(_Model):

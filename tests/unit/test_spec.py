@@ -779,3 +779,35 @@ def test_only_matrix_errors(tmp_path_factory: pytest.TempPathFactory, content: b
         load_matrix(path)
     except MatrixError as e:
         assert re.fullmatch(r".+:\d+: \S+: .+\(.+\)", str(e)), str(e)
+
+
+# --- remote hosts: how the worker is started, and its folders ---------------------------------
+
+
+def test_host_worker_defaults_and_values(tmp_path: Path) -> None:
+    path = write(tmp_path, "\n".join([*HEAD, *HOST]) + "\n")
+    (h,) = load_matrix(path).hosts
+    assert (h.command, h.workdir, h.cache) == ("factory", "/var/tmp/factory", "/var/cache/factory")
+    text = [*HEAD, *HOST, 'command = "/opt/f/.venv/bin/factory"', 'workdir = "/srv/w"']
+    (h,) = load_matrix(write(tmp_path, "\n".join(text) + "\n")).hosts
+    assert (h.command, h.workdir) == ("/opt/f/.venv/bin/factory", "/srv/w")
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "fragment"),
+    [
+        ('command = "factory; rm -rf /"', "command", "is not a command"),
+        ('command = "factory --debug"', "command", "no spaces or arguments"),
+        ('command = "$(id)"', "command", "is not a command"),
+        ('command = "-x"', "command", "is not a command"),
+        ('workdir = "relative/dir"', "workdir", "not a plain absolute path"),
+        ('workdir = "/tmp/../etc"', "workdir", "no '..'"),
+        ('cache = "/var/cache/$HOME"', "cache", "not a plain absolute path"),
+    ],
+)
+def test_host_worker_values_without_shell_syntax(
+    tmp_path: Path, line: str, field: str, fragment: str
+) -> None:
+    err = error_of(write(tmp_path, "\n".join([*HEAD, *HOST, line]) + "\n"))
+    assert (err.field, err.line) == (f"hosts[0].{field}", 9)
+    assert fragment in err.message

@@ -1,0 +1,277 @@
+"""`factory worker`: runs one cell's sub-plan on a build host for a controller over SSH.
+
+The command line is fixed (`factory worker`); everything else arrives as JSON on stdin, so
+no value from a matrix ever meets a shell. Protocol, one JSON object per line:
+
+  stdin   {"protocol": 1, "plan": {...}, "dir": ..., "cache": ..., "refresh": false,
+           "auto": [job ids to run at once], "fetch": [job ids whose file the controller
+           will fetch: sent back with size and sha256]}
+          then {"go": "JOB"} lines: the controller's scheduler starts JOB (it owns the
+          host's slots); EOF: the controller is done with us (or gone): stop, clean up.
+  stdout  Event JSON lines, as `factory run --events json`, then `run-end` when every job
+          has finished (status "refused" and a message when the request is not accepted).
+
+The same Scheduler and LocalExecutor as `factory run` do the work, into `dir/out`, with the
+host's own tree cache; `dir` (made by the controller) is removed when the worker ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+from pydantic import ValidationError
+
+from factory import state
+from factory.cache import Cache, remove_tree
+from factory.events import Bus, Event
+from factory.executors.local import LocalExecutor
+from factory.fsutil import sha256_file
+from factory.plan import Job, Plan, hook_digest, job_key
+from factory.results import Output
+from factory.scheduler import Scheduler
+from factory.stages import Workspace
+
+PROTOCOL = 1
+PIDFILE = "worker.pid"
+FOLDER_PREFIX = "factory-"
+
+
+class Refused(Exception):
+    """The request cannot be run as sent; the message says why (one line)."""
+
+
+class Request:
+    """The controller's request, checked: a self-consistent plan and plain absolute paths."""
+
+    def __init__(self, line: str) -> None:
+        try:
+            data = json.loads(line)
+        except ValueError as exc:
+            raise Refused(f"the request is not JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("protocol") != PROTOCOL:
+            got = data.get("protocol") if isinstance(data, dict) else None
+            raise Refused(
+                f"protocol {got!r} is not this worker's {PROTOCOL} "
+                "(install the same factory version on the controller and the host)"
+            )
+        try:
+            self.plan = Plan.model_validate(data.get("plan"))
+        except ValidationError as exc:
+            raise Refused(f"the plan does not validate: {exc.errors()[0]['msg']}") from None
+        self.dir = _absolute(data.get("dir"), "dir")
+        self.cache = _absolute(data.get("cache"), "cache")
+        self.refresh = bool(data.get("refresh", False))
+        ids = {j.id for j in self.plan.jobs}
+        self.auto = _ids(data.get("auto", []), ids, "auto")
+        self.fetch = _ids(data.get("fetch", []), ids, "fetch")
+        check_keys(self.plan)
+
+
+def _absolute(value: object, name: str) -> Path:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise Refused(f"{name}: {value!r} is not an absolute path")
+    return Path(value)
+
+
+def _ids(value: object, known: set[str], name: str) -> set[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in known for v in value):
+        raise Refused(f"{name}: not a list of the plan's job ids")
+    return set(value)
+
+
+def check_keys(plan: Plan) -> None:
+    """Every job's key again from its params and its deps' keys, and every hook folder's
+    digest: a plan that arrived changed in any value is refused, not built."""
+    jobs = plan.by_id()
+    for job in plan.jobs:
+        missing = [d for d in job.deps if d not in jobs]
+        if missing:
+            raise Refused(f"{job.id}: depends on {missing[0]}, which is not in the plan")
+        if job_key(job.kind, job.params, (jobs[d].key for d in job.deps)) != job.key:
+            raise Refused(f"{job.id}: its key does not match its parameters (changed in transit?)")
+        for hook in job.params.get("hooks", []):
+            if hook_digest(Path(hook["path"])) != hook["digest"]:
+                raise Refused(f"{job.id}: hook {hook['name']} arrived different from the plan's")
+
+
+class Gated:
+    """LocalExecutor, but a job starts only when the controller says go (its scheduler holds
+    the host's slots), and a fetched job's file is checksummed here, where it is."""
+
+    host: str | None = None
+
+    def __init__(self, local: LocalExecutor, gates: Mapping[str, anyio.Event], fetch: set[str]):
+        self.local = local
+        self.gates = gates
+        self.fetch = fetch
+        # Slots are the controller's: waiting for go must not hold one here.
+        self.free = anyio.CapacityLimiter(math.inf)
+
+    def limiter(self, job: Job) -> anyio.CapacityLimiter:
+        return self.free
+
+    async def run(
+        self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
+    ) -> Output:
+        await self.gates[job.id].wait()
+        out = await self.local.run(job, inputs, emit)
+        if job.id in self.fetch and out.path is not None and out.path.is_file():
+            emit("checksumming")
+            size, digest = out.path.stat().st_size, await sha256_file(out.path)
+            remote = {"path": str(out.path), "size": size, "sha256": digest}
+            out = Output(out.path, {**out.info, "remote": remote})
+        return out
+
+
+class EventWriter:
+    """Events as JSON lines on the stream the controller reads; a controller that is gone
+    (broken pipe) stops the worker instead of failing a job."""
+
+    def __init__(self, stream: TextIO, gone: Callable[[], None]) -> None:
+        self.stream = stream
+        self.gone = gone
+        self.broken = False
+
+    def __call__(self, event: Event) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.write(event.to_json() + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.broken = True
+            self.gone()
+
+
+async def _lines(fd: int) -> AsyncIterator[str]:
+    """Lines from a pipe, without a thread: stdin must stay readable while jobs run."""
+    os.set_blocking(fd, False)
+    buf = b""
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            if buf:
+                yield buf.decode(errors="replace")
+            return
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode(errors="replace")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def clean_stale(workdir: Path) -> None:
+    """Folders of workers that were killed (their pid is gone): nobody else removes them."""
+    for folder in workdir.glob(f"{FOLDER_PREFIX}*"):
+        try:
+            pid = int((folder / PIDFILE).read_text())
+        except (OSError, ValueError):
+            continue  # not started yet, or not ours
+        if not _alive(pid):
+            await remove_tree(folder)
+
+
+async def serve(stdin: int, stdout: TextIO) -> int:
+    """Read the request, run it, stream its events; returns the exit code."""
+    lines = _lines(stdin)
+    stop = anyio.Event()
+    writer = EventWriter(stdout, stop.set)
+    bus = Bus(writer)
+    first = await anext(lines, None)
+    if first is None:
+        return 0
+    try:
+        req = Request(first)
+    except Refused as exc:
+        bus.emit(Event("run-end", message=str(exc), data={"status": "refused"}))
+        return 2
+    folder = req.dir
+    out = folder / "out"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PIDFILE).write_text(f"{os.getpid()}\n")
+        with state.recording(out=str(out), cache=str(req.cache), worker=True):
+            state.clean_leftovers()  # a killed worker's mounts and processes first
+            await clean_stale(folder.parent)
+            cache = await Cache(req.cache).open()
+            jobs = len(req.plan.jobs)
+            local = LocalExecutor(Workspace(out, cache, req.refresh), max(jobs, 1))
+            gates = {job.id: anyio.Event() for job in req.plan.jobs}
+            for jid in req.auto:
+                gates[jid].set()
+            gated = Gated(local, gates, req.fetch)
+            sched = Scheduler(req.plan, lambda job: gated, bus, out / "logs")
+            bus.emit(Event("run-start", data={"matrix": req.plan.matrix, "jobs": jobs}))
+            async with anyio.create_task_group() as tg:
+
+                async def controller() -> None:
+                    async for line in lines:
+                        with contextlib.suppress(ValueError, TypeError, AttributeError):
+                            jid = json.loads(line).get("go")
+                            if jid in gates:
+                                gates[jid].set()
+                    stop.set()  # EOF: the controller is done with us, or gone
+
+                async def signals() -> None:
+                    with anyio.open_signal_receiver(
+                        signal.SIGTERM, signal.SIGHUP, signal.SIGINT
+                    ) as received:
+                        async for _ in received:
+                            stop.set()
+                            return
+
+                async def work() -> None:
+                    runs = await sched.run()
+                    ok = all(r.status == "done" for r in runs.values())
+                    bus.emit(Event("run-end", data={"status": "built" if ok else "failed"}))
+
+                tg.start_soon(controller)
+                tg.start_soon(signals)
+                tg.start_soon(work)
+                await stop.wait()
+                tg.cancel_scope.cancel()
+    except OSError as exc:
+        bus.emit(Event("run-end", message=f"{folder}: {exc}", data={"status": "refused"}))
+        return 1
+    finally:
+        with anyio.CancelScope(shield=True):
+            await remove_tree(folder)
+    return 0
+
+
+def main() -> int:
+    """Events go to the real stdout; fd 1 becomes stderr, so nothing a stage or a tool
+    prints can corrupt the stream."""
+    events = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        return anyio.run(serve, 0, events)
+    finally:
+        with contextlib.suppress(OSError):
+            events.close()
+
+
+__all__ = ["PROTOCOL", "Refused", "Request", "main", "serve"]
