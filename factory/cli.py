@@ -129,7 +129,9 @@ def clean(cache: CacheOpt = DEFAULT_CACHE) -> None:
 def boot(
     image: Annotated[Path, typer.Argument(help="a disk image (raw, qcow2, vhd, vmdk, vdi, ...)")],
     arch: Annotated[str, typer.Option(help="the image's architecture")] = "amd64",
-    firmware: Annotated[Literal["bios", "uefi"], typer.Option(help="how to boot it")] = "bios",
+    firmware: Annotated[
+        Literal["bios", "uefi", "uefi-secureboot"], typer.Option(help="how to boot it")
+    ] = "bios",
     timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for login:")] = 300,
     log: Annotated[Path | None, typer.Option(help="keep the console output here")] = None,
 ) -> None:

@@ -24,7 +24,7 @@ Kind = Literal["rootfs", "finalise", "assemble", "convert", "pack", "publish", "
 KINDS: tuple[Kind, ...] = ("rootfs", "finalise", "assemble", "convert", "pack", "publish", "boot")
 
 # Bump a kind's recipe when its stage changes what it produces: old cache entries stop matching.
-RECIPES: dict[str, int] = {kind: 1 for kind in KINDS}
+RECIPES: dict[str, int] = {**{kind: 1 for kind in KINDS}, "finalise": 2}
 
 # Parameters that say where an input lives, not what it is: left out of keys.
 LOCATION_FIELDS = frozenset({"path"})

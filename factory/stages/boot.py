@@ -7,7 +7,9 @@ image is opened with -snapshot, so booting never changes it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,8 +18,38 @@ from factory.results import Output, StageError
 from factory.stages import Context
 
 LOGIN = r"login:\s*$"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+OVMF = Path("/usr/share/OVMF")
+# UEFI firmware (package ovmf): code, and the variable store each boot gets a copy of.
+# The .ms vars have Microsoft's keys enrolled and Secure Boot on: shim (signed by
+# Microsoft) → grub and kernel (signed by Debian) must verify or nothing boots.
+UEFI = {
+    "uefi": (OVMF / "OVMF_CODE_4M.fd", OVMF / "OVMF_VARS_4M.fd"),
+    "uefi-secureboot": (OVMF / "OVMF_CODE_4M.ms.fd", OVMF / "OVMF_VARS_4M.ms.fd"),
+}
+OVMF_CODE, OVMF_VARS = UEFI["uefi"]
+FIRMWARES = ("bios", *UEFI)
+# The QEMU binary of each arch, and the Debian package that has it.
+QEMU = {
+    "amd64": ("qemu-system-x86_64", "qemu-system-x86"),
+    "ppc64el": ("qemu-system-ppc64", "qemu-system-ppc"),
+}
+
+
+def check_tools(arch: str, firmware: str) -> None:
+    """One line naming the package to install, before QEMU fails less clearly."""
+    if arch not in QEMU:
+        raise StageError(f"cannot boot {arch} images (can: {', '.join(QEMU)})")
+    binary, package = QEMU[arch]
+    if shutil.which(binary) is None:
+        raise StageError(f"{binary} not found: install {package}")
+    if firmware not in FIRMWARES:
+        raise StageError(f"unknown firmware {firmware!r} (valid: {', '.join(FIRMWARES)})")
+    if firmware in UEFI:
+        if arch != "amd64":
+            raise StageError(f"UEFI boot is for amd64 images, not {arch}")
+        for f in UEFI[firmware]:
+            if not f.is_file():
+                raise StageError(f"{f} not found: install ovmf")
 
 
 async def detect_format(image: Path) -> str:
@@ -72,13 +104,13 @@ def qemu_args(image: Path, fmt: str, arch: str, firmware: str, vars_copy: Path |
         "-nic",
         "none",
     ]
-    if firmware == "uefi":
+    if firmware in UEFI:
         assert vars_copy is not None
         args += [
             "-machine",
             "q35",
             "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={UEFI[firmware][0]}",
             "-drive",
             f"if=pflash,format=raw,unit=1,file={vars_copy}",
         ]
@@ -95,10 +127,14 @@ async def boot_image(
     work: Path,
 ) -> float:
     """Boot until a login prompt; returns the seconds it took. Raises StageError if none."""
+    check_tools(arch, firmware)
     vars_copy = None
-    if firmware == "uefi":
-        vars_copy = work / "OVMF_VARS.fd"
-        shutil.copyfile(OVMF_VARS, vars_copy)
+    if firmware in UEFI:
+        # The firmware writes its variables: each boot gets its own copy.
+        fd, name = tempfile.mkstemp(prefix="OVMF_VARS.", suffix=".fd", dir=work)
+        os.close(fd)
+        vars_copy = Path(name)
+        shutil.copyfile(UEFI[firmware][1], vars_copy)
     started = time.monotonic()
     try:
         await proc.run(

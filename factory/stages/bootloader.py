@@ -1,11 +1,16 @@
 """Boot code written straight into a disk image file: no loop device, no mount.
 
-grub's images are made with grub-mkimage from the target tree's own modules, with an
-early config that finds the root filesystem by UUID.
+grub's images are made with grub-mkimage from the target tree's own modules (the host's
+grub may lack the target platform), with an early config that finds the root filesystem
+by UUID. The ESP is a FAT made in place by mkfs.vfat --offset and filled with mtools,
+since the kernel here may have no vfat and nothing may mount the image.
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from factory import proc
@@ -13,10 +18,51 @@ from factory.layouts import SECTOR, Layout
 from factory.results import StageError
 
 I386_MODULES = ("biosdisk", "part_msdos", "part_gpt", "ext2", "search_fs_uuid", "normal")
+EFI_MODULES = ("part_gpt", "part_msdos", "ext2", "search_fs_uuid", "normal")
+PPC_MODULES = ("part_msdos", "ext2", "search_fs_uuid", "normal", "linux")
+
+# Where grub-mkimage's i386-pc images keep the sector of the next stage (grub's
+# boot/i386/pc/boot.S and diskboot.S): boot.img's kernel_sector, and the first
+# blocklist entry at the end of core.img's first sector (diskboot). Both u64 LE.
+BOOT_KERNEL_SECTOR = 0x5C
+DISKBOOT_BLOCKLIST_START = 0x1F4
+MBR_CODE = 440  # boot.img bytes that fit before the disk signature and partition table
+
+# Debian's signed EFI binaries; where the tree has both, the ESP gets shim + signed grub
+# (boots with Secure Boot on), else an unsigned grub from grub-mkimage.
+SHIM = "usr/lib/shim/shimx64.efi.signed"
+MOK_MANAGER = "usr/lib/shim/mmx64.efi.signed"
+SIGNED_GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 
 
 def early_cfg(uuid: str) -> str:
     return f"search.fs_uuid {uuid} root\nset prefix=($root)/boot/grub\n"
+
+
+def esp_grub_cfg(uuid: str) -> str:
+    """What Debian's signed grub reads from its prefix (/EFI/debian on the ESP)."""
+    return (
+        f"search --no-floppy --fs-uuid --set=root {uuid}\n"
+        "set prefix=($root)/boot/grub\n"
+        "configfile $prefix/grub.cfg\n"
+    )
+
+
+def patch_gpt_bios(boot: bytes, core: bytes, core_lba: int) -> tuple[bytes, bytes]:
+    """boot.img and core.img for a core.img at `core_lba` (the BIOS boot partition):
+    what grub-bios-setup would write, which refuses a plain file."""
+    b, c = bytearray(boot[:MBR_CODE]), bytearray(core)
+    struct.pack_into("<Q", b, BOOT_KERNEL_SECTOR, core_lba)
+    struct.pack_into("<Q", c, DISKBOOT_BLOCKLIST_START, core_lba + 1)
+    return bytes(b), bytes(c)
+
+
+@dataclass(frozen=True)
+class EspFile:
+    """A file for the ESP: its path there and where its bytes are."""
+
+    dest: str  # e.g. "EFI/BOOT/BOOTX64.EFI"
+    source: Path
 
 
 def _write_at(disk: Path, offset: int, data: bytes) -> None:
@@ -25,19 +71,21 @@ def _write_at(disk: Path, offset: int, data: bytes) -> None:
         fh.write(data)
 
 
-async def _core_img(
-    tree: Path, platform: str, modules: tuple[str, ...], uuid: str, work: Path
-) -> bytes:
+async def _mkimage(
+    tree: Path, platform: str, modules: Sequence[str], uuid: str, work: Path, out: Path
+) -> Path:
+    moddir = tree / "usr/lib/grub" / platform
+    if not moddir.is_dir():
+        raise StageError(f"the tree has no grub modules for {platform} (/usr/lib/grub/{platform})")
     cfg = work / f"early-{platform}.cfg"
     cfg.write_text(early_cfg(uuid))
-    out = work / f"core-{platform}.img"
     await proc.run(
         [
             "grub-mkimage",
             "-O",
             platform,
             "-d",
-            tree / "usr/lib/grub" / platform,
+            moddir,
             "-c",
             cfg,
             "-p",
@@ -47,6 +95,13 @@ async def _core_img(
             *modules,
         ]
     )
+    return out
+
+
+async def _core_img(
+    tree: Path, platform: str, modules: Sequence[str], uuid: str, work: Path
+) -> bytes:
+    out = await _mkimage(tree, platform, modules, uuid, work, work / f"core-{platform}.img")
     return out.read_bytes()
 
 
@@ -58,12 +113,94 @@ async def install_mbr(disk: Path, tree: Path, layout: Layout, uuid: str, work: P
     if len(core) > gap:
         raise StageError(f"core.img is {len(core)} bytes, the gap after the MBR only {gap}")
     boot = (tree / "usr/lib/grub/i386-pc/boot.img").read_bytes()
-    _write_at(disk, 0, boot[:440])
+    _write_at(disk, 0, boot[:MBR_CODE])
     _write_at(disk, SECTOR, core)
 
 
+async def install_gpt_bios(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+    """BIOS on a GPT: core.img in the BIOS boot partition, boot.img's code in the
+    protective MBR (its partition entry kept), both told where core.img lies."""
+    start, size = layout.offsets(disk.stat().st_size)["bios"]
+    core = await _core_img(tree, "i386-pc", I386_MODULES, uuid, work)
+    if len(core) > size:
+        raise StageError(f"core.img is {len(core)} bytes, the BIOS boot partition only {size}")
+    boot = (tree / "usr/lib/grub/i386-pc/boot.img").read_bytes()
+    boot, core = patch_gpt_bios(boot, core, start // SECTOR)
+    _write_at(disk, 0, boot)
+    _write_at(disk, start, core)
+
+
+async def esp_files(tree: Path, uuid: str, work: Path) -> list[EspFile]:
+    """shim as the removable-media loader with Debian's signed grub beside it (its config
+    is read from /EFI/debian), or else an unsigned grub with an early config."""
+    if (tree / SHIM).is_file() and (tree / SIGNED_GRUB).is_file():
+        cfg = work / "esp-grub.cfg"
+        cfg.write_text(esp_grub_cfg(uuid))
+        files = [
+            EspFile("EFI/BOOT/BOOTX64.EFI", tree / SHIM),
+            EspFile("EFI/BOOT/grubx64.efi", tree / SIGNED_GRUB),
+            EspFile("EFI/debian/grub.cfg", cfg),
+        ]
+        if (tree / MOK_MANAGER).is_file():
+            files.append(EspFile("EFI/BOOT/mmx64.efi", tree / MOK_MANAGER))
+        return files
+    grub = await _mkimage(tree, "x86_64-efi", EFI_MODULES, uuid, work, work / "grubx64.efi")
+    return [EspFile("EFI/BOOT/BOOTX64.EFI", grub)]
+
+
+async def make_esp(disk: Path, offset: int, size: int, files: Sequence[EspFile]) -> None:
+    """A FAT32 in the ESP's byte range, filled by mtools. One-sector clusters: mtools
+    cannot read the FAT mkfs.vfat lays out with larger ones at an offset."""
+    await proc.run(
+        [
+            "mkfs.vfat",
+            "-F",
+            "32",
+            "-s",
+            "1",
+            "-n",
+            "EFI",
+            f"--offset={offset // SECTOR}",
+            disk,
+            str(size // 1024),
+        ]
+    )
+    image = f"{disk}@@{offset}"
+    dirs = sorted({p for f in files for p in _parents(f.dest)})
+    if dirs:
+        await proc.run(["mmd", "-i", image, *(f"::/{d}" for d in dirs)])
+    for f in files:
+        await proc.run(["mcopy", "-i", image, "-m", f.source, f"::/{f.dest}"])
+
+
+def _parents(dest: str) -> list[str]:
+    parts = dest.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+async def install_gpt_efi(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+    """Both firmwares from one disk: BIOS through the BIOS boot partition, UEFI through
+    the ESP."""
+    await install_gpt_bios(disk, tree, layout, uuid, work)
+    start, size = layout.offsets(disk.stat().st_size)["esp"]
+    await make_esp(disk, start, size, await esp_files(tree, uuid, work))
+
+
+async def install_prep(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+    """Open Firmware (SLOF) loads the ELF it finds in the PReP partition."""
+    start, size = layout.offsets(disk.stat().st_size)["prep"]
+    core = await _core_img(tree, "powerpc-ieee1275", PPC_MODULES, uuid, work)
+    if len(core) > size:
+        raise StageError(f"core.elf is {len(core)} bytes, the PReP partition only {size}")
+    _write_at(disk, start, core)
+
+
 async def install(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
-    if layout.name == "mbr":
-        await install_mbr(disk, tree, layout, uuid, work)
-        return
-    raise StageError(f"boot code for the {layout.name} layout is not built yet")
+    installers = {
+        "mbr": install_mbr,
+        "gpt-efi": install_gpt_efi,
+        "ppc-prep": install_prep,
+    }
+    if layout.name not in installers:
+        raise StageError(f"boot code for the {layout.name} layout is not built yet")
+    await installers[layout.name](disk, tree, layout, uuid, work)

@@ -2,7 +2,8 @@
 
 The initramfs is not built here: update-initramfs is diverted while packages install
 (the kernel's postinst and the initramfs-tools trigger would each build one) and restored
-afterwards; finalise builds it once.
+afterwards; finalise builds it once. A foreign arch runs its maintainer scripts through
+qemu-user, so binfmt_misc is checked (and set up) before mmdebstrap starts.
 """
 
 from __future__ import annotations
