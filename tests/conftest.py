@@ -6,10 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORY = [sys.executable, "-m", "factory"]
+
+# Every process this test session starts inherits this mark, so the leak guard can tell
+# ours from those of anything else running on the machine.
+SESSION_MARK = f"FACTORY_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["FACTORY_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 
 
 def factory(

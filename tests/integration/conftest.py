@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import factory
+from tests.conftest import SESSION_MARK, factory
 
 DATA = Path(__file__).parent / "data"
 CACHE = Path(os.environ.get("FACTORY_TEST_CACHE", "/var/cache/factory"))
@@ -72,15 +72,19 @@ def _loops() -> set[str]:
 
 
 def _processes() -> set[tuple[int, str]]:
+    """Processes of the kinds we start (by name) that carry this session's mark."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 comm = (entry / "comm").read_text().strip()
+                if not comm.startswith(OURS):
+                    continue
+                if SESSION_MARK.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
             except OSError:
                 continue
-            if comm.startswith(OURS):
-                found.add((int(entry.name), comm))
+            found.add((int(entry.name), comm))
     return found
 
 
