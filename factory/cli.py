@@ -134,30 +134,43 @@ def boot(
     ] = "bios",
     timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for login:")] = 300,
     log: Annotated[Path | None, typer.Option(help="keep the console output here")] = None,
+    cache: CacheOpt = DEFAULT_CACHE,
 ) -> None:
-    """Boot IMAGE in QEMU and wait for its login prompt (exit 0), or fail (exit 1)."""
-    from factory.proc import logging_to
+    """Boot IMAGE in QEMU and wait for its login prompt (exit 0), or fail with the
+    console's last lines (exit 1). KVM is used where a guest really runs under it."""
+    from factory.proc import JobLog, logging_to
     from factory.results import StageError
-    from factory.stages.boot import boot_image, detect_format
+    from factory.stages.boot import KVM_VERDICTS, boot_image, detect_format
 
     if not image.is_file():
         raise fail_usage(f"{image}: not a file (give a disk image)")
 
-    async def go() -> float:
+    def say(text: str) -> None:
+        print(f"boot: {text}", file=sys.stderr)
+
+    async def go(console: Path, work: Path) -> float:
         fmt = await detect_format(image)
-        with (
-            tempfile.TemporaryDirectory(prefix="factory-boot-") as work,
-            logging_to(log or Path(work) / "console.log"),
-        ):
+        with logging_to(console):
             return await boot_image(
-                image, fmt=fmt, arch=arch, firmware=firmware, timeout=timeout, work=Path(work)
+                image,
+                fmt=fmt,
+                arch=arch,
+                firmware=firmware,
+                timeout=timeout,
+                work=work,
+                verdicts=cache / KVM_VERDICTS,
+                say=say,
             )
 
-    try:
-        seconds = anyio.run(go)
-    except StageError as exc:
-        print(f"boot: {exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_FAILED) from None
+    with tempfile.TemporaryDirectory(prefix="factory-boot-") as work:
+        console = log or Path(work) / "console.log"
+        try:
+            seconds = anyio.run(go, console, Path(work))
+        except StageError as exc:
+            print(f"boot: {exc}", file=sys.stderr)
+            for line in JobLog(console).tail(15):
+                print(f"  | {line}", file=sys.stderr)
+            raise typer.Exit(EXIT_FAILED) from None
     print(f"{image}: login prompt after {seconds:.1f} s")
 
 

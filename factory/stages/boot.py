@@ -1,4 +1,4 @@
-"""boot: start a disk image in QEMU (TCG) and wait for the guest's login prompt.
+"""boot: start a disk image in QEMU and wait for the guest's login prompt.
 
 The guest's own words on the serial console decide, never a guess from timing. The
 image is opened with -snapshot, so booting never changes it.
@@ -6,18 +6,23 @@ image is opened with -snapshot, so booting never changes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from factory import proc
+from factory.fsutil import atomic_write
 from factory.results import Output, StageError
 from factory.stages import Context
 
 LOGIN = r"login:\s*$"
+KVM_VERDICTS = "kvm.json"  # in the cache folder
 OVMF = Path("/usr/share/OVMF")
 # UEFI firmware (package ovmf): code, and the variable store each boot gets a copy of.
 # The .ms vars have Microsoft's keys enrolled and Secure Boot on: shim (signed by
@@ -62,7 +67,9 @@ async def detect_format(image: Path) -> str:
     return str(info["format"])
 
 
-def qemu_args(image: Path, fmt: str, arch: str, firmware: str, vars_copy: Path | None) -> list[str]:
+def qemu_args(
+    image: Path, fmt: str, arch: str, firmware: str, vars_copy: Path | None, accel: str = "tcg"
+) -> list[str]:
     drive = f"file={image},format={fmt},if=virtio"
     if arch == "ppc64el":
         return [
@@ -87,7 +94,7 @@ def qemu_args(image: Path, fmt: str, arch: str, firmware: str, vars_copy: Path |
     args = [
         "qemu-system-x86_64",
         "-accel",
-        "tcg",
+        accel,
         "-m",
         "1024",
         "-smp",
@@ -117,6 +124,52 @@ def qemu_args(image: Path, fmt: str, arch: str, firmware: str, vars_copy: Path |
     return args
 
 
+# The first lines a Linux kernel prints on the serial console (printk timestamps):
+# under a KVM that really works they come within seconds of grub handing over.
+KERNEL_TALKS = r"\[\s*\d+\.\d+\]|login:"
+KVM_PROBE = 25.0
+
+
+def kvm_usable() -> bool:
+    return os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def _verdicts(path: Path | None) -> dict[str, bool]:
+    try:
+        data = json.loads(path.read_text()) if path else {}
+        return {str(k): bool(v) for k, v in data.items()}
+    except (OSError, ValueError):
+        return {}
+
+
+async def choose_accel(
+    args: list[str], arch: str, verdicts: Path | None, say: Callable[[str], None]
+) -> str:
+    """KVM where it really works, else TCG. Some hosts have /dev/kvm whose guests hang
+    (this kind of machine: a Debian kernel never prints under it), so the first boot on a
+    host tries KVM briefly and watches for the kernel's first words; the verdict is kept
+    per host kernel in `verdicts` so later boots do not pay for the probe."""
+    if arch != "amd64" or not kvm_usable():
+        return "tcg"
+    host = platform.release()
+    known = _verdicts(verdicts)
+    if host not in known:
+        probe = list(args)
+        probe[probe.index("-accel") + 1] = "kvm"
+        try:
+            await proc.run(probe, until=KERNEL_TALKS, timeout=KVM_PROBE)
+            known[host] = True
+        except (TimeoutError, proc.CommandError):
+            known[host] = False
+        if verdicts is not None:
+            with contextlib.suppress(OSError):
+                atomic_write(verdicts, json.dumps(known, indent=1, sort_keys=True))
+    if known[host]:
+        return "kvm"
+    say(f"/dev/kvm is there but a guest kernel does not run under it on {host}: using TCG")
+    return "tcg"
+
+
 async def boot_image(
     image: Path,
     *,
@@ -125,8 +178,11 @@ async def boot_image(
     firmware: str = "bios",
     timeout: float = 300,
     work: Path,
+    verdicts: Path | None = None,
+    say: Callable[[str], None] = proc.note,
 ) -> float:
-    """Boot until a login prompt; returns the seconds it took. Raises StageError if none."""
+    """Boot until a login prompt; returns the seconds it took. Raises StageError if none.
+    `verdicts` keeps whether KVM works on this host (see choose_accel)."""
     check_tools(arch, firmware)
     vars_copy = None
     if firmware in UEFI:
@@ -135,10 +191,12 @@ async def boot_image(
         os.close(fd)
         vars_copy = Path(name)
         shutil.copyfile(UEFI[firmware][1], vars_copy)
-    started = time.monotonic()
     try:
+        args = qemu_args(image, fmt, arch, firmware, vars_copy)
+        accel = await choose_accel(args, arch, verdicts, say)
+        started = time.monotonic()
         await proc.run(
-            qemu_args(image, fmt, arch, firmware, vars_copy), until=LOGIN, timeout=timeout
+            qemu_args(image, fmt, arch, firmware, vars_copy, accel), until=LOGIN, timeout=timeout
         )
     except TimeoutError:
         raise StageError(f"{image.name}: no login prompt within {timeout:.0f} s") from None
@@ -160,5 +218,7 @@ async def run(ctx: Context) -> Output:
         firmware=firmware,
         timeout=p["timeout"],
         work=ctx.cell_work,
+        verdicts=ctx.ws.cache.root / KVM_VERDICTS,
+        say=ctx.emit,
     )
     return Output(None, {"login_after": round(seconds, 1), "firmware": firmware})

@@ -304,3 +304,15 @@ def test_run_with_boot_test_boots_the_disk(tmp_path: Path) -> None:
     assert 0 < job["info"]["login_after"] < 300
     log = (tmp_path / "out" / job["log"]).read_text()
     assert "Debian GNU/Linux 12" in log and "login:" in log
+
+
+def test_boot_probes_kvm_once_and_says_when_it_falls_back(amd64: Build, tmp_path: Path) -> None:
+    """A host whose /dev/kvm cannot run the guest kernel boots by TCG and says so; the
+    verdict is kept, so the next boot does not probe again."""
+    cache = tmp_path / "cache"
+    result = factory("boot", amd64.artifact("raw"), "--cache", cache, timeout=400)
+    assert result.returncode == 0, result.stderr
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm here: nothing to probe")
+    (works,) = json.loads((cache / "kvm.json").read_text()).values()
+    assert ("using TCG" in result.stderr) == (not works)
