@@ -49,16 +49,6 @@ class Entry:
             return {}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -72,7 +62,7 @@ class Cache:
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.tmp.iterdir():
             pid = stale.name.rsplit(".", 1)[-1]
-            if not pid.isdigit() or not _pid_alive(int(pid)):
+            if not pid.isdigit() or not state.pid_alive(int(pid)):
                 await remove_tree(stale)
         return self
 

@@ -74,7 +74,8 @@ def recording(**info: object) -> Iterator[RunState]:
         run.path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that id exists (ours or not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -105,7 +106,7 @@ def leftovers() -> list[dict[str, object]]:
             except (OSError, ValueError):
                 data = {"pid": -1}
             pid = data.get("pid")
-            if not isinstance(pid, int) or not _alive(pid):
+            if not isinstance(pid, int) or not pid_alive(pid):
                 out.append({**data, "file": str(path)})
     return out
 

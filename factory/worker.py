@@ -172,16 +172,6 @@ async def _lines(fd: int) -> AsyncIterator[str]:
             yield line.decode(errors="replace")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def clean_stale(workdir: Path) -> None:
     """Folders of workers that were killed (their pid is gone): nobody else removes them."""
     for folder in workdir.glob(f"{FOLDER_PREFIX}*"):
@@ -189,7 +179,7 @@ async def clean_stale(workdir: Path) -> None:
             pid = int((folder / PIDFILE).read_text())
         except (OSError, ValueError):
             continue  # not started yet, or not ours
-        if not _alive(pid):
+        if not state.pid_alive(pid):
             await remove_tree(folder)
 
 

@@ -70,57 +70,19 @@ async def detect_format(image: Path) -> str:
 def qemu_args(
     image: Path, fmt: str, arch: str, firmware: str, vars_copy: Path | None, accel: str = "tcg"
 ) -> list[str]:
-    drive = f"file={image},format={fmt},if=virtio"
+    """The whole QEMU command: the console on stdout, the image read-only (-snapshot),
+    no network (nothing leaves the machine)."""
+    common = ["-smp", "2", "-monitor", "none", "-serial", "stdio", "-snapshot", "-nic", "none",
+              "-drive", f"file={image},format={fmt},if=virtio"]  # fmt: skip
     if arch == "ppc64el":
-        return [
-            "qemu-system-ppc64",
-            "-M",
-            "pseries",
-            "-m",
-            "2048",
-            "-smp",
-            "2",
-            "-nographic",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-            "-snapshot",
-            "-drive",
-            drive,
-            "-nic",
-            "none",
-        ]
-    args = [
-        "qemu-system-x86_64",
-        "-accel",
-        accel,
-        "-m",
-        "1024",
-        "-smp",
-        "2",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-serial",
-        "stdio",
-        "-snapshot",
-        "-drive",
-        drive,
-        "-nic",
-        "none",
-    ]
+        return ["qemu-system-ppc64", "-M", "pseries", "-m", "2048", "-nographic", *common]
+    args = ["qemu-system-x86_64", "-accel", accel, "-m", "1024", "-display", "none", *common]
     if firmware in UEFI:
         assert vars_copy is not None
-        args += [
-            "-machine",
-            "q35",
-            "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={UEFI[firmware][0]}",
-            "-drive",
-            f"if=pflash,format=raw,unit=1,file={vars_copy}",
-        ]
+        code, _ = UEFI[firmware]
+        args += ["-machine", "q35",
+                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]  # fmt: skip
     return args
 
 
