@@ -125,12 +125,16 @@ class Cache:
             final = self.trees / key
             if final.exists():
                 await self.remove(key)
+            await proc.run(["sync", "-f", tmp])  # the data is on disk before its key is
             os.rename(tmp, final)
         finally:
             if tmp.exists():
                 with anyio.CancelScope(shield=True):
-                    await remove_tree(tmp)
-            if run is not None:
+                    try:
+                        await remove_tree(tmp)
+                    except proc.CommandError as exc:  # left to the next run's open()
+                        proc.note(f"could not remove {tmp} yet: {exc}")
+            if run is not None and not tmp.exists():
                 run.drop_mount(tmp)
 
     def touch(self, entry: Entry) -> None:
@@ -146,8 +150,11 @@ class Cache:
 
 
 async def remove_tree(path: Path) -> None:
-    """rm -rf that stays on one filesystem (a tree may hold a stale bind mount)."""
+    """rm -rf of a tree, after unmounting what a killed tool left mounted in it; rm stays
+    on one filesystem, so a mount that would not go is never followed into."""
     if path.is_dir() and not path.is_symlink():
+        for point in state.mounts_under(str(path)):
+            await proc.run(["umount", "--lazy", point], check=False)
         await proc.run(["rm", "-rf", "--one-file-system", "--", path])
     elif path.exists() or path.is_symlink():
         path.unlink()

@@ -61,24 +61,36 @@ class Completed:
 
 
 class JobLog:
-    """A job's log file; `run()` writes commands and output into the one set for the task."""
+    """A job's log file; `run()` writes commands and output into the one set for the task.
+
+    Writing it never raises: a log on a full disk must not turn a job's clear failure
+    (or a whole run) into an OSError. The first error is kept in `error`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh: IO[str] | None = None
+        self.error: OSError | None = None
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115 (closed by close())
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115 (closed by close())
+        except OSError as exc:
+            self.error = exc
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
             self._fh = None
 
     def write(self, text: str) -> None:
         if self._fh is not None:
-            self._fh.write(text if text.endswith("\n") else text + "\n")
+            try:
+                self._fh.write(text if text.endswith("\n") else text + "\n")
+            except OSError as exc:
+                self.error = self.error or exc
+                self.close()
 
     def tail(self, lines: int = TAIL_LINES) -> list[str]:
         try:
@@ -235,6 +247,9 @@ async def run(
                     await process.stdin.send(input)
                     await process.stdin.aclose()
                 await process.wait()
+                # What the command left running in its group (a daemon a postinst
+                # started, a background child holding our pipes) ends with it.
+                _kill_group(process.pid, signal.SIGKILL)
         if matched:
             with anyio.CancelScope(shield=True):
                 await _terminate(process)

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
 from factory import report, state
 from factory.cache import Cache, remove_tree
 from factory.events import Bus, Event, JsonSink, PlainSink
 from factory.executors.local import LocalExecutor
 from factory.plan import Plan
+from factory.proc import CommandError
 from factory.routing import router
 from factory.scheduler import JobRun, Scheduler
 from factory.spec import Matrix
@@ -80,9 +82,45 @@ def _sink(mode: str) -> tuple[Bus, contextlib.AbstractContextManager[object]]:
     return Bus(JsonSink() if mode == "json" else PlainSink()), contextlib.nullcontext()
 
 
+@dataclass
+class _Stop:
+    """Ctrl-C and SIGTERM: the first cancels the run, later ones are ignored so that the
+    clean-up they interrupt still finishes."""
+
+    scope: anyio.CancelScope
+    interrupted: bool = False
+    code: int = EXIT_INTERRUPTED
+
+
+async def _watch_signals(stop: _Stop, *, task_status: TaskStatus[None]) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            if not stop.interrupted:
+                stop.interrupted = True
+                stop.scope.cancel()
+
+
 async def run_plan(matrix: Matrix, plan: Plan, opts: Options) -> int:
     """Run the plan into opts.out; returns the exit code. Raises RunRefused before any
-    work when the run cannot start."""
+    work when the run cannot start. Signals are caught from the first moment to the last."""
+    stop = _Stop(anyio.CancelScope())
+    refused: RunRefused | None = None
+    async with anyio.create_task_group() as watcher:
+        await watcher.start(_watch_signals, stop)
+        try:
+            with stop.scope:
+                stop.code = await _prepare_and_run(matrix, plan, opts, stop)
+        except RunRefused as exc:  # raised outside the task group, not in an ExceptionGroup
+            refused = exc
+        finally:
+            watcher.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
+    return stop.code
+
+
+async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Stop) -> int:
     try:
         opts.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -92,18 +130,20 @@ async def run_plan(matrix: Matrix, plan: Plan, opts: Options) -> int:
             print(f"factory: cleaned up after a killed run: {line}", file=sys.stderr)
         try:
             cache = await Cache(opts.cache).open()
-        except OSError as exc:
-            raise RunRefused(f"{opts.cache}: --cache: cannot use ({exc.strerror})") from None
+        except (OSError, CommandError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise RunRefused(f"{opts.cache}: --cache: cannot use ({why})") from None
         await remove_tree(opts.out / ".work")  # a killed run's intermediates
         bus, display = _sink(opts.events)
         with display:
-            return await _schedule(matrix, plan, opts, cache, bus)
+            return await _schedule(matrix, plan, opts, cache, bus, stop)
 
 
-async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus: Bus) -> int:
+async def _schedule(
+    matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus: Bus, stop: _Stop
+) -> int:
     local = LocalExecutor(Workspace(opts.out, cache, opts.refresh, cpus=opts.jobs), opts.jobs)
     started = time.time()
-    interrupted = False
     sched: Scheduler | None = None
     try:
         bus.emit(
@@ -112,23 +152,12 @@ async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus
                 data={"matrix": matrix.name, "jobs": len(plan.jobs), "out": str(opts.out)},
             )
         )
-        async with router(matrix, local, plan) as route, anyio.create_task_group() as tg:
+        async with router(matrix, local, plan) as route:
             sched = Scheduler(plan, route, bus, opts.out / "logs", fail_fast=opts.fail_fast)
-
-            async def watch_signals() -> None:
-                nonlocal interrupted
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        interrupted = True
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(watch_signals)
             await sched.run()
-            tg.cancel_scope.cancel()
     finally:
         runs = list(sched.runs.values()) if sched else []
-        status = status_of(runs, interrupted)
+        status = status_of(runs, stop.interrupted)
         with anyio.CancelScope(shield=True):
             await remove_tree(opts.out / ".work")  # first: it frees space on a full disk
             try:
@@ -139,6 +168,7 @@ async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus
                     file=sys.stderr,
                 )
                 status = "failed" if status == "built" else status
+        stop.code = {"built": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)
         bus.emit(
             Event(
                 "run-end",
@@ -151,4 +181,4 @@ async def _schedule(matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus
                 },
             )
         )
-    return {"built": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)
+    return stop.code

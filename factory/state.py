@@ -71,7 +71,8 @@ def recording(**info: object) -> Iterator[RunState]:
         yield run
     finally:
         _current = None
-        run.path.unlink(missing_ok=True)
+        if not run.mounts and not run.groups:  # else the next run cleans what is left
+            run.path.unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:

@@ -45,15 +45,16 @@ async def bound(tree: Path) -> AsyncIterator[Path]:
             target.mkdir(exist_ok=True)
             if (run := state.current()) is not None:
                 run.add_mount(target)
+            done.append(target)  # before: a cancel may land after mount(8) did its work
             await proc.run(["mount", *how, target])
-            done.append(target)
         yield tree
     finally:
         with anyio.CancelScope(shield=True):
             for target in reversed(done):
-                result = await proc.run(["umount", target], check=False)
-                if result.returncode != 0 and mounted(target):
-                    await proc.run(["umount", "--lazy", target], check=False)
+                if mounted(target):
+                    result = await proc.run(["umount", target], check=False)
+                    if result.returncode != 0 and mounted(target):
+                        await proc.run(["umount", "--lazy", target], check=False)
                 if (run := state.current()) is not None and not mounted(target):
                     run.drop_mount(target)
 

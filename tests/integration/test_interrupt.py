@@ -183,3 +183,16 @@ def test_interrupt_at_each_disk_stage(tmp_path: Path, stage: str) -> None:
     assert_clean(tmp_path / "out", CACHE, run.proc.pid)
     assert_only_whole_artifacts(tmp_path / "out")
     assert sorted(processes("qemu-img")) == []
+
+
+def test_a_second_signal_does_not_break_the_clean_up(tmp_path: Path) -> None:
+    """Impatient users press Ctrl-C twice: the clean-up the first one started finishes."""
+    run = Running(DATA / "slow-hook.toml", tmp_path / "out", CACHE)
+    run.wait_for("progress", "finalise", "hook")
+    time.sleep(1)
+    run.proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    assert run.stop(signal.SIGTERM) == 130
+    assert "Traceback" not in (run.proc.stderr.read() if run.proc.stderr else "")
+    assert run.report()["status"] == "interrupted"
+    assert_clean(tmp_path / "out", CACHE, run.proc.pid)
