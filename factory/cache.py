@@ -160,13 +160,4 @@ async def remove_tree(path: Path) -> None:
         path.unlink()
 
 
-def du_bytes(path: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
-
-
-__all__ = ["DEFAULT_CACHE", "Cache", "Entry", "du_bytes", "remove_tree"]
+__all__ = ["DEFAULT_CACHE", "Cache", "Entry", "remove_tree"]

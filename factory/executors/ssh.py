@@ -41,7 +41,7 @@ from factory.plan import Job, Plan
 from factory.results import Output, StageError
 from factory.scheduler import Executor, Scheduler
 from factory.spec import Host
-from factory.stages.publish import verify_disk
+from factory.stages.publish import place, verify_disk
 from factory.worker import FOLDER_PREFIX, PROTOCOL
 
 KEEPALIVE_INTERVAL = 5.0  # seconds between keepalives; 3 unanswered and the host is lost
@@ -787,18 +787,9 @@ class CellRun:
             if p["source"] == "disk":
                 emit("checking")
                 await verify_disk(tmp, p["qemu"], source.info.get("virtual_size"))
-            atomic_write(dest.with_name(dest.name + ".sha256"), f"{digest}  {dest.name}\n")
-            os.replace(tmp, dest)
+            return place(tmp, dest, digest, job.cell, p["format"], p["name"])
         finally:
             tmp.unlink(missing_ok=True)
-        artifact = {
-            "cell": job.cell,
-            "format": p["format"],
-            "path": p["name"],
-            "size": dest.stat().st_size,
-            "sha256": digest,
-        }
-        return Output(dest, {"artifact": artifact})
 
     def _maybe_close(self) -> None:
         """Free the host as soon as nothing of the cell still needs the session."""

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import proc
-from factory.cache import du_bytes
+from factory import proc, sizing
 from factory.fsutil import atomic_write
 from factory.results import Output, StageError
 from factory.stages import Context, chroot, rootfs
@@ -275,7 +274,7 @@ async def run(ctx: Context) -> Output:
                 )
                 for script in hook_scripts(p["hooks"], "cleanup.d"):
                     await _run_hook(ctx, script, [str(script)], hook_env(ctx, str(tree)), None)
-                meta["bytes"] = du_bytes(tree)
+                meta["bytes"] = sizing.measure(tree).allocated
             tree = cache.trees / ctx.job.key / "root"
     atomic_write(manifest_out, (tree / MANIFEST_DIR / f"{p['image_name']}.json").read_bytes())
     return Output(tree, {"manifest": p["manifest"], "cached": cached})

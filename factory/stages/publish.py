@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from factory import proc
 from factory.fsutil import aside, atomic_write, sha256_file
@@ -33,6 +34,16 @@ async def verify_disk(path: os.PathLike[str], qemu: str, virtual_size: int | Non
         await proc.run(["qemu-img", "check", "-q", "-f", qemu, path])
 
 
+def place(tmp: Path, dest: Path, digest: str, cell: str, fmt: str, name: str) -> Output:
+    """The last step of publishing a checked file written aside: its `.sha256` first,
+    then the rename, so every artifact under a final name has its checksum beside it."""
+    atomic_write(dest.with_name(dest.name + ".sha256"), f"{digest}  {dest.name}\n")
+    os.replace(tmp, dest)
+    artifact = {"cell": cell, "format": fmt, "path": name, "size": dest.stat().st_size,
+                "sha256": digest}  # fmt: skip
+    return Output(dest, {"artifact": artifact})
+
+
 async def run(ctx: Context) -> Output:
     p = ctx.job.params
     (dep,) = ctx.job.deps
@@ -55,15 +66,6 @@ async def run(ctx: Context) -> Output:
             os.link(src, tmp)
         else:
             os.rename(src, tmp)
-        atomic_write(dest.with_name(dest.name + ".sha256"), f"{digest}  {dest.name}\n")
-        os.replace(tmp, dest)
+        return place(tmp, dest, digest, ctx.job.cell, p["format"], p["name"])
     finally:
         tmp.unlink(missing_ok=True)
-    artifact = {
-        "cell": ctx.job.cell,
-        "format": p["format"],
-        "path": p["name"],
-        "size": dest.stat().st_size,
-        "sha256": digest,
-    }
-    return Output(dest, {"artifact": artifact})

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import anyio
 
-from factory import proc
-from factory.cache import Entry, du_bytes
+from factory import proc, sizing
+from factory.cache import Entry
 from factory.distros import debian
 from factory.proc import CommandError
 from factory.results import Output, StageError
@@ -160,6 +160,6 @@ async def run(ctx: Context) -> Output:
                 await proc.run(mmdebstrap_args(p, root, sources_file))
             except CommandError as exc:
                 raise StageError(explain(exc, str(p["arch"]))) from exc
-            meta["bytes"] = du_bytes(root)
+            meta["bytes"] = sizing.measure(root).allocated
         built = Entry(ctx.job.key, cache.trees / ctx.job.key)
         return Output(built.root, {"cached": False, "bytes": meta["bytes"]})
