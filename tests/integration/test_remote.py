@@ -287,9 +287,10 @@ def seed(host: Sshd, matrix: Path, *, like: Path | None = None) -> None:
         dest = host.cache / "trees" / keys[jid]
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
+            # Hard links: cached trees are never changed in place, and a copy of each
+            # would cost the disk a gigabyte per host.
             subprocess.run(
-                ["cp", "-a", "--reflink=auto", str(CACHE / "trees" / source[jid]), str(dest)],
-                check=True,
+                ["cp", "-al", str(CACHE / "trees" / source[jid]), str(dest)], check=True
             )
 
 
