@@ -2,7 +2,9 @@
 
 An entry is committed by one rename of a finished folder, so a key either names a whole
 tree or nothing; a per-key lock keeps two runs from building or pruning the same entry
-at once; leftovers of killed runs are removed when the store is opened.
+at once; a run holds every entry it uses shared until it ends, so that another run's
+--refresh or prune never deletes a tree under it; leftovers of killed runs are removed
+when the store is opened.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Cache:
         self.trees = root / "trees"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
+        self._using: dict[str, int] = {}  # key -> fd holding its use lock shared
 
     async def open(self) -> Cache:
         """Create the folders and remove what killed runs left half-built."""
@@ -76,35 +79,66 @@ class Cache:
             key=lambda e: e.path.stat().st_mtime,
         )
 
-    @contextlib.asynccontextmanager
-    async def lock(
-        self, key: str, waiting: Callable[[str], None] | None = None
-    ) -> AsyncIterator[None]:
-        """Hold the key's lock; waits (cancellably) while another run holds it, saying so
-        once through `waiting`."""
-        fd = os.open(self.locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    async def _flock(
+        self, name: str, mode: int, message: str | None, waiting: Callable[[str], None] | None
+    ) -> int | None:
+        """An fd holding `mode` on locks/NAME; waits (cancellably) while another run holds
+        a conflicting lock, saying so once, or returns None at once if `message` is None."""
+        fd = os.open(self.locks / name, os.O_RDWR | os.O_CREAT, 0o644)
         said = False
         try:
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    return fd
                 except OSError as exc:
                     if exc.errno not in (errno.EAGAIN, errno.EACCES):
                         raise
-                    if said is False:
-                        said = True
-                        message = f"waiting: another run is building tree {key[:12]}"
-                        proc.note(message)
-                        if waiting is not None:
-                            waiting(message)
-                    await anyio.sleep(LOCK_POLL)
+                if message is None:
+                    os.close(fd)
+                    return None
+                if not said:
+                    said = True
+                    proc.note(message)
+                    if waiting is not None:
+                        waiting(message)
+                await anyio.sleep(LOCK_POLL)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @contextlib.asynccontextmanager
+    async def lock(
+        self, key: str, waiting: Callable[[str], None] | None = None
+    ) -> AsyncIterator[None]:
+        """Hold the key's build lock: one run at a time looks up, builds or removes it."""
+        message = f"waiting: another run is building tree {key[:12]}"
+        fd = await self._flock(f"{key}.lock", fcntl.LOCK_EX, message, waiting)
+        assert fd is not None
+        try:
             yield
         finally:
             os.close(fd)
 
+    async def use(self, key: str) -> None:
+        """Hold the entry shared until release(), so that another run's --refresh or
+        prune waits for (or skips) a tree this run still reads. Call with the build lock
+        held: a remover holds it too, so this never waits."""
+        if key not in self._using:
+            message = f"waiting: another run is replacing tree {key[:12]}"
+            fd = await self._flock(f"{key}.use", fcntl.LOCK_SH, message, None)
+            assert fd is not None
+            self._using[key] = fd
+
+    def release(self) -> None:
+        """Let go of every entry this run used."""
+        while self._using:
+            os.close(self._using.popitem()[1])
+
     @contextlib.asynccontextmanager
-    async def building(self, key: str, meta: dict[str, Any]) -> AsyncIterator[Path]:
+    async def building(
+        self, key: str, meta: dict[str, Any], waiting: Callable[[str], None] | None = None
+    ) -> AsyncIterator[Path]:
         """A folder to build the entry's root in; committed by rename when the block ends
         without error, removed otherwise. Call with the key's lock held."""
         tmp = self.tmp / f"{key}.{os.getpid()}"
@@ -124,7 +158,7 @@ class Cache:
             )
             final = self.trees / key
             if final.exists():
-                await self.remove(key)
+                await self.remove(key, waiting)
             await proc.run(["sync", "-f", tmp])  # the data is on disk before its key is
             os.rename(tmp, final)
         finally:
@@ -141,12 +175,39 @@ class Cache:
         """Mark an entry used now: prune removes the least recently used first."""
         os.utime(entry.path)
 
-    async def remove(self, key: str) -> None:
-        """Take the entry out of the key space at once (rename), then delete it."""
-        src = self.trees / key
-        doomed = self.tmp / f"{key}.removing.{os.getpid()}"
-        os.rename(src, doomed)
-        await remove_tree(doomed)
+    async def remove(
+        self, key: str, waiting: Callable[[str], None] | None = None, *, wait: bool = True
+    ) -> bool:
+        """Take the entry out of the key space at once (rename), then delete it; first
+        wait until no other run uses it (or, with wait=False, keep it and return False).
+        Call with the key's build lock held."""
+        if key in self._using:  # this run's own use ends here
+            os.close(self._using.pop(key))
+        message = (
+            f"waiting: another run is using tree {key[:12]}; it is replaced when that run ends"
+            if wait
+            else None
+        )
+        fd = await self._flock(f"{key}.use", fcntl.LOCK_EX, message, waiting)
+        if fd is None:
+            return False
+        try:
+            doomed = self.tmp / f"{key}.removing.{os.getpid()}"
+            os.rename(self.trees / key, doomed)
+            await remove_tree(doomed)
+        finally:
+            os.close(fd)
+        return True
+
+
+@contextlib.asynccontextmanager
+async def opened(root: Path) -> AsyncIterator[Cache]:
+    """The cache for one run: entries it used stay protected until the run ends."""
+    cache = await Cache(root).open()
+    try:
+        yield cache
+    finally:
+        cache.release()
 
 
 async def remove_tree(path: Path) -> None:
@@ -160,4 +221,4 @@ async def remove_tree(path: Path) -> None:
         path.unlink()
 
 
-__all__ = ["DEFAULT_CACHE", "Cache", "Entry", "remove_tree"]
+__all__ = ["DEFAULT_CACHE", "Cache", "Entry", "opened", "remove_tree"]

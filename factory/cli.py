@@ -205,9 +205,12 @@ def cache_prune(
         for entry in c.entries():
             if all_ or entry.path.stat().st_mtime < limit:
                 async with c.lock(entry.key):
-                    if c.get(entry.key):
-                        await c.remove(entry.key)
+                    if not c.get(entry.key):
+                        continue
+                    if await c.remove(entry.key, wait=False):
                         removed += 1
+                    else:
+                        print(f"kept {entry.key[:12]}: a running build is using it")
         return removed
 
     print(f"removed {anyio.run(prune)} trees")

@@ -133,10 +133,13 @@ async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Sto
         except (OSError, CommandError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise RunRefused(f"{opts.cache}: --cache: cannot use ({why})") from None
-        await remove_tree(opts.out / ".work")  # a killed run's intermediates
-        bus, display = _sink(opts.events)
-        with display:
-            return await _schedule(matrix, plan, opts, cache, bus, stop)
+        try:
+            await remove_tree(opts.out / ".work")  # a killed run's intermediates
+            bus, display = _sink(opts.events)
+            with display:
+                return await _schedule(matrix, plan, opts, cache, bus, stop)
+        finally:
+            cache.release()  # the trees this run read may be replaced now
 
 
 async def _schedule(

@@ -31,7 +31,7 @@ import anyio
 from pydantic import ValidationError
 
 from factory import state
-from factory.cache import Cache, remove_tree
+from factory.cache import opened, remove_tree
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
 from factory.fsutil import sha256_file
@@ -205,43 +205,43 @@ async def serve(stdin: int, stdout: TextIO) -> int:
         with state.recording(out=str(out), cache=str(req.cache), worker=True):
             state.clean_leftovers()  # a killed worker's mounts and processes first
             await clean_stale(folder.parent)
-            cache = await Cache(req.cache).open()
-            jobs = len(req.plan.jobs)
-            local = LocalExecutor(Workspace(out, cache, req.refresh), max(jobs, 1))
-            gates = {job.id: anyio.Event() for job in req.plan.jobs}
-            for jid in req.auto:
-                gates[jid].set()
-            gated = Gated(local, gates, req.fetch)
-            sched = Scheduler(req.plan, lambda job: gated, bus, out / "logs")
-            bus.emit(Event("run-start", data={"matrix": req.plan.matrix, "jobs": jobs}))
-            async with anyio.create_task_group() as tg:
+            async with opened(req.cache) as cache:
+                jobs = len(req.plan.jobs)
+                local = LocalExecutor(Workspace(out, cache, req.refresh), max(jobs, 1))
+                gates = {job.id: anyio.Event() for job in req.plan.jobs}
+                for jid in req.auto:
+                    gates[jid].set()
+                gated = Gated(local, gates, req.fetch)
+                sched = Scheduler(req.plan, lambda job: gated, bus, out / "logs")
+                bus.emit(Event("run-start", data={"matrix": req.plan.matrix, "jobs": jobs}))
+                async with anyio.create_task_group() as tg:
 
-                async def controller() -> None:
-                    async for line in lines:
-                        with contextlib.suppress(ValueError, TypeError, AttributeError):
-                            jid = json.loads(line).get("go")
-                            if jid in gates:
-                                gates[jid].set()
-                    stop.set()  # EOF: the controller is done with us, or gone
+                    async def controller() -> None:
+                        async for line in lines:
+                            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                                jid = json.loads(line).get("go")
+                                if jid in gates:
+                                    gates[jid].set()
+                        stop.set()  # EOF: the controller is done with us, or gone
 
-                async def signals() -> None:
-                    with anyio.open_signal_receiver(
-                        signal.SIGTERM, signal.SIGHUP, signal.SIGINT
-                    ) as received:
-                        async for _ in received:
-                            stop.set()
-                            return
+                    async def signals() -> None:
+                        with anyio.open_signal_receiver(
+                            signal.SIGTERM, signal.SIGHUP, signal.SIGINT
+                        ) as received:
+                            async for _ in received:
+                                stop.set()
+                                return
 
-                async def work() -> None:
-                    runs = await sched.run()
-                    ok = all(r.status == "done" for r in runs.values())
-                    bus.emit(Event("run-end", data={"status": "built" if ok else "failed"}))
+                    async def work() -> None:
+                        runs = await sched.run()
+                        ok = all(r.status == "done" for r in runs.values())
+                        bus.emit(Event("run-end", data={"status": "built" if ok else "failed"}))
 
-                tg.start_soon(controller)
-                tg.start_soon(signals)
-                tg.start_soon(work)
-                await stop.wait()
-                tg.cancel_scope.cancel()
+                    tg.start_soon(controller)
+                    tg.start_soon(signals)
+                    tg.start_soon(work)
+                    await stop.wait()
+                    tg.cancel_scope.cancel()
     except OSError as exc:
         bus.emit(Event("run-end", message=f"{folder}: {exc}", data={"status": "refused"}))
         return 1
