@@ -94,6 +94,30 @@ def test_disk_formats_read_back_exactly(amd64: Build, fmt: str) -> None:
         assert amd64.artifact("raw").stat().st_blocks * 512 < raw_size
 
 
+def zero_blocks_stored(path: Path, block: int = 4096) -> int:
+    """How many bytes of the file's allocated data are whole blocks of zeros."""
+    zero, found = bytes(block), 0
+    with open(path, "rb") as fh:
+        end, pos = os.fstat(fh.fileno()).st_size, 0
+        while pos < end:
+            try:
+                pos = os.lseek(fh.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            stop = os.lseek(fh.fileno(), pos, os.SEEK_HOLE)
+            fh.seek(pos)
+            while pos < stop:
+                found += block if fh.read(block) == zero else 0
+                pos += block
+    return found
+
+
+def test_trim_left_no_stored_zeros(amd64: Build) -> None:
+    """mkfs writes the journal as zeros: the trim made those blocks holes."""
+    assert zero_blocks_stored(amd64.artifact("raw")) == 0
+    assert amd64.job(f"assemble:{CELL}")["info"]["trimmed_bytes"] >= 32 * 1024 * 1024
+
+
 def test_partition_table_and_filesystem(amd64: Build) -> None:
     table = json.loads(sh("sfdisk", "--json", amd64.artifact("raw")))["partitiontable"]
     assert table["label"] == "dos"
