@@ -353,14 +353,15 @@ def test_amd64_here_and_ppc64el_on_a_host_at_once(tmp_path: Path, hosts: dict[st
     assert all(e["host"] == "a" for e in remote if e["kind"] in ("start", "done"))
 
 
-@pytest.mark.parametrize("then", ["second-host", "fallback"])
+@pytest.mark.parametrize("then", ["second-host", "fallback", "worker-killed"])
 def test_host_lost_mid_build(tmp_path: Path, hosts: dict[str, Sshd], then: str) -> None:
-    """Host a's sshd dies while its worker packs: the cell is done again on b (or here)."""
+    """Host a's sshd dies while its worker packs: the cell is done again on b (or here).
+    worker-killed: the connection stays up but a's worker is SIGKILLed; b takes over."""
     a, b = hosts["a"], hosts["b"]
     blocks = a.toml(["amd64"], known_hosts(tmp_path, a, b))
-    if then == "second-host":
+    if then != "fallback":
         blocks += b.toml(["amd64"], known_hosts(tmp_path, a, b))
-    fallback = "none" if then == "second-host" else "local"
+    fallback = "local" if then == "fallback" else "none"
     matrix = write_matrix(
         tmp_path, AMD64.format(name="lost", formats='["tar", "tgz"]', fallback=fallback) + blocks
     )
@@ -371,7 +372,11 @@ def test_host_lost_mid_build(tmp_path: Path, hosts: dict[str, Sshd], then: str) 
         started = run.wait_for("start", "pack", timeout=300)
         assert started["host"] == "a"
         time.sleep(1.0)
-        a.kill()
+        if then == "worker-killed":
+            (worker,) = workers(a.root)
+            os.kill(worker, signal.SIGKILL)
+        else:
+            a.kill()
         assert run.proc.wait(timeout=600) == 0, run.proc.stderr.read() if run.proc.stderr else ""
     finally:
         if run.proc.poll() is None:
@@ -382,11 +387,14 @@ def test_host_lost_mid_build(tmp_path: Path, hosts: dict[str, Sshd], then: str) 
     check_artifacts(build)
     jobs = {j["id"]: j for j in report["jobs"]}  # type: ignore[union-attr]
     pack = jobs["pack:debian-bookworm-amd64:tgz"]
-    expected = "b" if then == "second-host" else None
+    expected = None if then == "fallback" else "b"
     assert pack["host"] == expected
     (retry,) = pack["info"]["retries"]
     assert retry["host"] == "a" and retry["then"] == (expected or "local")
-    assert "connection lost" in retry["error"] or "a:" in retry["error"], retry
+    if then == "worker-killed":
+        assert "the worker on a killed by signal" in retry["error"], retry
+    else:
+        assert "connection lost" in retry["error"] or "a:" in retry["error"], retry
     # The worker on a saw its controller go, stopped its tar and removed its folder.
     assert a.leftovers() == []
 
