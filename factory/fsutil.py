@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes and checksums."""
+"""Small file helpers: atomic writes, checksums and where a sparse file holds data."""
 
 from __future__ import annotations
 
@@ -41,3 +41,22 @@ def _sha256(path: Path) -> str:
 async def sha256_file(path: Path) -> str:
     """sha256 of a file, in a worker thread (hashing a disk image takes seconds)."""
     return await anyio.to_thread.run_sync(_sha256, path, abandon_on_cancel=True)
+
+
+def data_extents(path: Path, merge_gap: int = 1024 * 1024) -> list[tuple[int, int]]:
+    """(offset, length) of the parts of a file that hold data, holes left out; extents
+    closer than `merge_gap` are joined, so a fragmented file gives few, larger reads."""
+    found: list[tuple[int, int]] = []
+    with open(path, "rb") as fh:
+        fd, pos = fh.fileno(), 0
+        end = os.fstat(fd).st_size
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole to the end
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            if found and start - (found[-1][0] + found[-1][1]) < merge_gap:
+                start = found.pop()[0]
+            found.append((start, pos - start))
+    return found

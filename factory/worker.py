@@ -5,7 +5,7 @@ no value from a matrix ever meets a shell. Protocol, one JSON object per line:
 
   stdin   {"protocol": 1, "plan": {...}, "dir": ..., "cache": ..., "refresh": false,
            "auto": [job ids to run at once], "fetch": [job ids whose file the controller
-           will fetch: sent back with size and sha256]}
+           will fetch: sent back with size, sha256 and data extents]}
           then {"go": "JOB"} lines: the controller's scheduler starts JOB (it owns the
           host's slots); EOF: the controller is done with us (or gone): stop, clean up.
   stdout  Event JSON lines, as `factory run --events json`, then `run-end` when every job
@@ -34,7 +34,7 @@ from factory import state
 from factory.cache import opened, remove_tree
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
-from factory.fsutil import sha256_file
+from factory.fsutil import data_extents, sha256_file
 from factory.plan import Job, Plan, hook_digest, job_key
 from factory.results import Output
 from factory.scheduler import Scheduler
@@ -127,7 +127,8 @@ class Gated:
         if job.id in self.fetch and out.path is not None and out.path.is_file():
             emit("checksumming")
             size, digest = out.path.stat().st_size, await sha256_file(out.path)
-            remote = {"path": str(out.path), "size": size, "sha256": digest}
+            extents = data_extents(out.path)  # the controller reads these, not the holes
+            remote = {"path": str(out.path), "size": size, "sha256": digest, "extents": extents}
             out = Output(out.path, {**out.info, "remote": remote})
         return out
 

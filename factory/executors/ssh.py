@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import secrets
 import sys
 import time
@@ -50,6 +49,23 @@ CONNECT_TIMEOUT = 20.0
 CLOSE_TIMEOUT = 20.0  # for a worker to stop and clean up after its stdin closes
 CHUNK = 8 * 1024 * 1024
 ZEROS = bytes(CHUNK)
+
+
+def extents_of(value: object, size: int) -> list[tuple[int, int]]:
+    """The worker's data extents of a file, if they are well formed; else the whole file
+    (an older worker sends none)."""
+    whole = [(0, size)]
+    if not isinstance(value, list):
+        return whole
+    found: list[tuple[int, int]] = []
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2 and all(type(n) is int for n in item)):
+            return whole
+        start, length = item
+        if start < 0 or length < 0 or start + length > size:
+            return whole
+        found.append((start, length))
+    return found
 
 
 class HostLost(Exception):
@@ -460,23 +476,28 @@ class RemoteSession(Session):
             raise StageError(f"{path} on {self.host}: {one_line(exc)}") from exc
         return str(text)
 
-    async def fetch_file(self, path: str, dest: Path, size: int) -> None:
-        """Copy a file exactly: every byte up to `size`, holes kept as holes (SFTP with
-        asyncssh's sparse default drops trailing holes; this reads them and skips writing
-        zeros). A dropped connection is a lost host; a short file is an error."""
+    async def fetch_file(
+        self, path: str, dest: Path, size: int, extents: Sequence[tuple[int, int]]
+    ) -> None:
+        """Copy a file exactly, holes kept as holes: only its data extents are read (the
+        worker's list; a raw disk is mostly holes) and blocks of zeros are not written.
+        A dropped connection is a lost host; a short file is an error."""
         try:
             async with self.sftp.open(path, "rb") as src:
                 with open(dest, "wb") as out:
-                    offset = 0
-                    while offset < size:
-                        chunk = cast(bytes, await src.read(min(CHUNK, size - offset), offset))
-                        if not chunk:
-                            raise StageError(f"{path} on {self.host}: ended at {offset} of {size}")
-                        if chunk == ZEROS[: len(chunk)]:
-                            out.seek(len(chunk), os.SEEK_CUR)
-                        else:
-                            out.write(chunk)
-                        offset += len(chunk)
+                    for start, length in extents:
+                        offset, end = start, start + length
+                        while offset < end:
+                            want = min(CHUNK, end - offset)
+                            chunk = cast(bytes, await src.read(want, offset))
+                            if not chunk:
+                                raise StageError(
+                                    f"{path} on {self.host}: ended at {offset} of {size}"
+                                )
+                            if chunk != ZEROS[: len(chunk)]:
+                                out.seek(offset)
+                                out.write(chunk)
+                            offset += len(chunk)
                     out.truncate(size)
         except (OSError, asyncssh.Error) as exc:
             if self.remote.down is not None or isinstance(exc, asyncssh.DisconnectError):
@@ -775,8 +796,13 @@ class CellRun:
         tmp = aside(dest)
         try:
             emit(f"fetching from {session.host}")
-            proc.note(f"sftp {session.host}:{remote['path']} -> {tmp} ({remote['size']} bytes)")
-            await session.fetch_file(str(remote["path"]), tmp, int(remote["size"]))
+            size = int(remote["size"])
+            extents = extents_of(remote.get("extents"), size)
+            proc.note(
+                f"sftp {session.host}:{remote['path']} -> {tmp} ({size} bytes, "
+                f"{sum(n for _, n in extents)} in {len(extents)} data extents)"
+            )
+            await session.fetch_file(str(remote["path"]), tmp, size, extents)
             emit("checksumming")
             digest = await sha256_file(tmp)
             if digest != remote["sha256"]:

@@ -49,7 +49,7 @@ MIXED = """\
 name = "{name}"
 arches = ["amd64", "ppc64el"]
 distros = ["debian/bookworm"]
-formats = ["tar"]
+formats = ["tar", "raw"]
 fallback = "none"
 
 [mirrors]
@@ -345,6 +345,12 @@ def test_amd64_here_and_ppc64el_on_a_host_at_once(tmp_path: Path, hosts: dict[st
     # Both cells were under way at the same time.
     here, there = window(build, "debian-bookworm-amd64"), window(build, "debian-bookworm-ppc64el")
     assert here[0] < there[1] and there[0] < here[1], (here, there)
+    # The remote raw disk came back sparse: only its data extents crossed the wire.
+    raw = build.out / "debian-bookworm-ppc64el/debian-bookworm-ppc64el.raw"
+    assert raw.stat().st_blocks * 512 < 0.8 * raw.stat().st_size
+    log = (build.out / build.job("publish:debian-bookworm-ppc64el:raw")["log"]).read_text()
+    read = int(log.split(" bytes, ", 1)[1].split(" in ", 1)[0])
+    assert read < 0.8 * raw.stat().st_size, log
     # The remote cell's manifest came back too.
     assert (build.out / "debian-bookworm-ppc64el/debian-bookworm-ppc64el.manifest.json").is_file()
     # Progress of remote jobs reached the controller's stream, with the host.
