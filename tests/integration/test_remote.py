@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -283,6 +284,7 @@ def seed(host: Sshd, matrix: Path, *, like: Path | None = None) -> None:
         text = (like or matrix).read_text().split("[[hosts]]")[0]
         build = run_matrix(write_matrix(here, text), here / "out")
         assert build.returncode == 0, build.stderr[-3000:]
+        shutil.rmtree(here)  # only its trees were wanted, and they are in the cache
     for jid in trees:
         dest = host.cache / "trees" / keys[jid]
         if not dest.exists():
