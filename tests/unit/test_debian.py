@@ -17,14 +17,14 @@ from factory.distros.debian import (
 
 BOOKWORM_DEB822 = """\
 Types: deb deb-src
-URIs: http://deb.debian.org/debian
+URIs: http://mirror.example/debian
 Suites: bookworm bookworm-updates
 Components: main contrib
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 # the security archive
 Types: deb
-URIs: http://deb.debian.org/debian-security
+URIs: http://mirror.example/debian-security
 Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
@@ -35,7 +35,7 @@ Suites: bookworm
 Enabled: no
 
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: http://mirror.example/debian
 Suites: bookworm
 Components: main
 """
@@ -46,7 +46,7 @@ deb [arch=amd64 signed-by=/etc/apt/keyrings/mirror.gpg] http://mirror.example/de
 bookworm main non-free-firmware
 deb http://mirror.example/debian bookworm-updates main
 deb-src http://mirror.example/debian bookworm main
-deb http://security.debian.org/debian-security bookworm-security main  # trailing comment
+deb http://security.mirror.example/debian-security bookworm-security main  # trailing comment
 
 """
 
@@ -66,13 +66,13 @@ def test_parse_deb822() -> None:
     got = parse_sources(BOOKWORM_DEB822, deb822=True)
     assert got == [
         Stanza(
-            ("http://deb.debian.org/debian",),
+            ("http://mirror.example/debian",),
             ("bookworm", "bookworm-updates"),
             ("main", "contrib"),
             "/usr/share/keyrings/debian-archive-keyring.gpg",
         ),
         Stanza(
-            ("http://deb.debian.org/debian-security",),
+            ("http://mirror.example/debian-security",),
             ("bookworm-security",),
             ("main",),
             "/usr/share/keyrings/debian-archive-keyring.gpg",
@@ -105,7 +105,7 @@ def test_parse_one_line() -> None:
         ),
         Stanza(("http://mirror.example/debian",), ("bookworm-updates",), ("main",), None),
         Stanza(
-            ("http://security.debian.org/debian-security",), ("bookworm-security",), ("main",), None
+            ("http://security.mirror.example/debian-security",), ("bookworm-security",), ("main",), None
         ),
     ]
 
@@ -132,12 +132,12 @@ def test_sources_for_renames_suites() -> None:
     main, sec = stanzas_of(out)
     assert main == {
         "Types": "deb",
-        "URIs": "http://deb.debian.org/debian",
+        "URIs": "http://mirror.example/debian",
         "Suites": "trixie trixie-updates",
         "Components": "main contrib",
         "Signed-By": "/usr/share/keyrings/debian-archive-keyring.gpg",
     }
-    assert sec["URIs"] == "http://deb.debian.org/debian-security"
+    assert sec["URIs"] == "http://mirror.example/debian-security"
     assert sec["Suites"] == "trixie-security"
 
 
@@ -192,7 +192,7 @@ def test_sources_for_drops_backports_and_repeats() -> None:
 
 def test_sources_for_needs_a_release_suite() -> None:
     only_security = parse_sources(
-        "deb http://security.debian.org/debian-security bookworm-security main\n", deb822=False
+        "deb http://security.mirror.example/debian-security bookworm-security main\n", deb822=False
     )
     with pytest.raises(SourcesError, match="release suite"):
         sources_for("trixie", only_security, updates=True, security=True)
@@ -203,8 +203,8 @@ def test_sources_for_needs_a_release_suite() -> None:
 
 def test_old_style_security_suite_becomes_security() -> None:
     stanzas = parse_sources(
-        "deb http://deb.debian.org/debian buster main\n"
-        "deb http://security.debian.org/debian-security buster/updates main\n",
+        "deb http://mirror.example/debian buster main\n"
+        "deb http://security.mirror.example/debian-security buster/updates main\n",
         deb822=False,
     )
     out = sources_for("bookworm", stanzas, updates=False, security=True)
@@ -212,16 +212,16 @@ def test_old_style_security_suite_becomes_security() -> None:
 
 
 def test_sources_for_url() -> None:
-    out = sources_for_url("trixie", "http://deb.debian.org/debian/", updates=True, security=True)
+    out = sources_for_url("trixie", "http://mirror.example/debian/", updates=True, security=True)
     main, sec = stanzas_of(out)
     assert main == {
         "Types": "deb",
-        "URIs": "http://deb.debian.org/debian",
+        "URIs": "http://mirror.example/debian",
         "Suites": "trixie trixie-updates",
         "Components": "main",
         "Signed-By": KEYRING,
     }
-    assert sec["URIs"] == "http://deb.debian.org/debian-security"
+    assert sec["URIs"] == "http://mirror.example/debian-security"
     assert sec["Suites"] == "trixie-security"
     only = sources_for_url("bookworm", "file:///srv/mirror", updates=False, security=False)
     [block] = stanzas_of(only)
@@ -230,11 +230,11 @@ def test_sources_for_url() -> None:
 
 
 def test_rendered_sources_parse_back() -> None:
-    out = sources_for_url("trixie", "http://deb.debian.org/debian", updates=True, security=True)
+    out = sources_for_url("trixie", "http://mirror.example/debian", updates=True, security=True)
     assert parse_sources(out, deb822=True) == [
-        Stanza(("http://deb.debian.org/debian",), ("trixie", "trixie-updates"), ("main",), KEYRING),
+        Stanza(("http://mirror.example/debian",), ("trixie", "trixie-updates"), ("main",), KEYRING),
         Stanza(
-            ("http://deb.debian.org/debian-security",), ("trixie-security",), ("main",), KEYRING
+            ("http://mirror.example/debian-security",), ("trixie-security",), ("main",), KEYRING
         ),
     ]
 
@@ -270,7 +270,7 @@ def test_packages_for_user_package_already_in_base() -> None:
 
 EMBEDDED_KEY = """\
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: http://mirror.example/debian
 Suites: bookworm
 Components: main
 Signed-By:
