@@ -130,6 +130,22 @@ class Cache:
             assert fd is not None
             self._using[key] = fd
 
+    def in_use(self, key: str) -> bool:
+        """Whether a run (this one or another) holds the entry now."""
+        if key in self._using:
+            return True
+        try:
+            fd = os.open(self.locks / f"{key}.use", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         """Let go of every entry this run used."""
         while self._using:

@@ -186,7 +186,7 @@ def cache_ls(cache: CacheOpt = DEFAULT_CACHE) -> None:
         size = meta.get("bytes", 0) / 2**20
         print(
             f"{entry.key[:16]}  {meta.get('kind', '?'):<9} {meta.get('cell', '?'):<28} "
-            f"{size:8.0f} MiB  used {used}"
+            f"{size:8.0f} MiB  used {used}{'  in use' if c.in_use(entry.key) else ''}"
         )
 
 

@@ -68,10 +68,14 @@ async def test_prune_all_skips_trees_in_use(tmp_path: Path, in_use: bool) -> Non
         await build(run, "x")
         if not in_use:
             run.release()
+        listing = await anyio.to_thread.run_sync(
+            lambda: factory("cache", "ls", "--cache", tmp_path, timeout=60).stdout
+        )
         proc = await anyio.to_thread.run_sync(
             lambda: factory("cache", "prune", "--all", "--cache", tmp_path, timeout=60)
         )
     assert proc.returncode == 0, proc.stderr
+    assert listing.rstrip().endswith("in use") is in_use, listing
     if in_use:
         assert f"kept {KEY[:12]}: a running build is using it" in proc.stdout
         assert "removed 0 trees" in proc.stdout

@@ -105,7 +105,10 @@ def test_parse_one_line() -> None:
         ),
         Stanza(("http://mirror.example/debian",), ("bookworm-updates",), ("main",), None),
         Stanza(
-            ("http://security.mirror.example/debian-security",), ("bookworm-security",), ("main",), None
+            ("http://security.mirror.example/debian-security",),
+            ("bookworm-security",),
+            ("main",),
+            None,
         ),
     ]
 
