@@ -90,6 +90,12 @@ def run(
     boot_test: Annotated[
         bool, typer.Option("--boot-test", help="boot each cell's disk in QEMU to a login prompt")
     ] = False,
+    loop: Annotated[
+        bool,
+        typer.Option(
+            "--loop", help="fill disks through a loop device and a mount (diskimage-builder's way)"
+        ),
+    ] = False,
 ) -> None:
     """Build every image of MATRIX."""
     m = _load(matrix)
@@ -104,6 +110,7 @@ def run(
         jobs=jobs or default_jobs(),
         fail_fast=fail_fast,
         refresh=refresh,
+        loop=loop,
         events=mode,
     )
     try:
@@ -115,7 +122,8 @@ def run(
 
 @app.command()
 def clean(cache: CacheOpt = DEFAULT_CACHE) -> None:
-    """Undo what killed runs left behind: their processes, mounts and half-built trees."""
+    """Undo what killed runs left behind: their processes, mounts, loop devices and
+    half-built trees."""
     for line in state.clean_leftovers():
         print(line)
 

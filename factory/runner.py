@@ -42,6 +42,7 @@ class Options:
     jobs: int
     fail_fast: bool = False
     refresh: bool = False
+    loop: bool = False
     events: str = "plain"  # rich | plain | json
 
 
@@ -145,7 +146,9 @@ async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Sto
 async def _schedule(
     matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus: Bus, stop: _Stop
 ) -> int:
-    local = LocalExecutor(Workspace(opts.out, cache, opts.refresh, cpus=opts.jobs), opts.jobs)
+    local = LocalExecutor(
+        Workspace(opts.out, cache, opts.refresh, cpus=opts.jobs, loop=opts.loop), opts.jobs
+    )
     started = time.time()
     sched: Scheduler | None = None
     try:

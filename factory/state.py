@@ -1,8 +1,10 @@
-"""What a run holds on the machine (mounts, process groups), written down as it goes.
+"""What a run holds on the machine (mounts, loop devices, process groups), written down
+as it goes.
 
 If factory itself is killed (SIGKILL, OOM, power to the container) its cleanup code never
 runs; the next run, or `factory clean`, reads the state files of runs that are gone and
-undoes what they left: kills their process groups and unmounts their mounts.
+undoes what they left: kills their process groups, unmounts their mounts and detaches
+their loop devices.
 """
 
 from __future__ import annotations
@@ -27,9 +29,16 @@ class RunState:
     info: dict[str, object] = field(default_factory=dict)
     mounts: list[str] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
+    loops: list[str] = field(default_factory=list)  # image files with loop devices on them
 
     def _save(self) -> None:
-        data = {**self.info, "pid": os.getpid(), "mounts": self.mounts, "groups": self.groups}
+        data = {
+            **self.info,
+            "pid": os.getpid(),
+            "mounts": self.mounts,
+            "groups": self.groups,
+            "loops": self.loops,
+        }
         with contextlib.suppress(OSError):
             atomic_write(self.path, json.dumps(data))
 
@@ -40,6 +49,15 @@ class RunState:
     def drop_mount(self, path: Path) -> None:
         with contextlib.suppress(ValueError):
             self.mounts.remove(str(path))
+        self._save()
+
+    def add_loop(self, image: str) -> None:
+        self.loops.append(image)
+        self._save()
+
+    def drop_loop(self, image: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.loops.remove(image)
         self._save()
 
     def add_group(self, pgid: int) -> None:
@@ -71,7 +89,7 @@ def recording(**info: object) -> Iterator[RunState]:
         yield run
     finally:
         _current = None
-        if not run.mounts and not run.groups:  # else the next run cleans what is left
+        if not (run.mounts or run.groups or run.loops):  # else the next run cleans them
             run.path.unlink(missing_ok=True)
 
 
@@ -97,6 +115,20 @@ def mounts_under(prefix: str) -> list[str]:
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
+def loop_devices(image: str) -> list[str]:
+    """The loop devices attached to `image` now (by the kernel's record of their file)."""
+    real = os.path.realpath(image)
+    found = []
+    for entry in Path("/sys/block").glob("loop*"):
+        try:
+            backing = (entry / "loop/backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.removesuffix(" (deleted)") == real:
+            found.append(f"/dev/{entry.name}")
+    return sorted(found)
+
+
 def leftovers() -> list[dict[str, object]]:
     """State files of runs whose process is gone."""
     out = []
@@ -113,8 +145,9 @@ def leftovers() -> list[dict[str, object]]:
 
 
 def clean_leftovers() -> list[str]:
-    """Undo what dead runs left: kill their process groups, unmount their mounts.
-    Synchronous and quick; returns what it did, for the log and the user."""
+    """Undo what dead runs left: kill their process groups, unmount their mounts, detach
+    their loop devices.
+        Synchronous and quick; returns what it did, for the log and the user."""
     import subprocess
 
     done: list[str] = []
@@ -129,5 +162,11 @@ def clean_leftovers() -> list[str]:
             for point in mounts_under(str(mount)):
                 subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
                 done.append(f"unmounted {point}")
+        loops = dead.get("loops", [])
+        for image in loops if isinstance(loops, list) else []:
+            for device in loop_devices(str(image)):
+                subprocess.run(["partx", "-d", device], check=False, capture_output=True)
+                subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+                done.append(f"detached {device} ({image})")
         Path(str(dead["file"])).unlink(missing_ok=True)
     return done

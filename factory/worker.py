@@ -4,6 +4,7 @@ The command line is fixed (`factory worker`); everything else arrives as JSON on
 no value from a matrix ever meets a shell. Protocol, one JSON object per line:
 
   stdin   {"protocol": 1, "plan": {...}, "dir": ..., "cache": ..., "refresh": false,
+           "loop": false (--loop),
            "auto": [job ids to run at once], "fetch": [job ids whose file the controller
            will fetch: sent back with size, sha256 and data extents]}
           then {"go": "JOB"} lines: the controller's scheduler starts JOB (it owns the
@@ -70,6 +71,7 @@ class Request:
         self.dir = _absolute(data.get("dir"), "dir")
         self.cache = _absolute(data.get("cache"), "cache")
         self.refresh = bool(data.get("refresh", False))
+        self.loop = bool(data.get("loop", False))
         ids = {j.id for j in self.plan.jobs}
         self.auto = _ids(data.get("auto", []), ids, "auto")
         self.fetch = _ids(data.get("fetch", []), ids, "fetch")
@@ -208,7 +210,9 @@ async def serve(stdin: int, stdout: TextIO) -> int:
             await clean_stale(folder.parent)
             async with opened(req.cache) as cache:
                 jobs = len(req.plan.jobs)
-                local = LocalExecutor(Workspace(out, cache, req.refresh), max(jobs, 1))
+                local = LocalExecutor(
+                    Workspace(out, cache, req.refresh, loop=req.loop), max(jobs, 1)
+                )
                 gates = {job.id: anyio.Event() for job in req.plan.jobs}
                 for jid in req.auto:
                     gates[jid].set()

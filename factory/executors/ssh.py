@@ -300,6 +300,7 @@ class RemoteSession(Session):
         auto: Sequence[str],
         fetch: Sequence[str],
         refresh: bool,
+        loop: bool = False,
     ) -> None:
         super().__init__(plan)
         self.remote = remote
@@ -307,6 +308,7 @@ class RemoteSession(Session):
         self.auto = list(auto)
         self.fetch = list(fetch)
         self.refresh = refresh
+        self.loop = loop
         self.folder: str | None = None
         self.process: asyncssh.SSHClientProcess[str] | None = None
         self.stderr: deque[str] = deque(maxlen=20)
@@ -402,6 +404,7 @@ class RemoteSession(Session):
                     "dir": folder,
                     "cache": self.remote.host.cache,
                     "refresh": self.refresh,
+                    "loop": self.loop,
                     "auto": self.auto,
                     "fetch": self.fetch,
                 }
@@ -700,8 +703,9 @@ class CellRun:
             session: Session
             if self.remote is not None:
                 fetch = [j.id for j in plan.jobs if j.id in self.publish_deps]
+                ws = self.farm.local.ws
                 session = RemoteSession(
-                    plan, self.remote, auto=auto, fetch=fetch, refresh=self.farm.local.ws.refresh
+                    plan, self.remote, auto=auto, fetch=fetch, refresh=ws.refresh, loop=ws.loop
                 )
             else:
                 session = LocalSession(plan, self.farm.local, self.farm.local.ws.out / "logs")

@@ -24,6 +24,7 @@ class Workspace:
     cache: Cache
     refresh: bool = False
     cpus: int | None = None  # threads one job's tool may use: the run's --jobs; None: the cores
+    loop: bool = False  # --loop: fill disks through a loop device and a mount
 
     @property
     def work(self) -> Path:

@@ -2,8 +2,9 @@
 
 A sparse file, partitioned by sfdisk from the layout's data, the filesystem made by
 mkfs.ext4 -d straight into the root partition's byte range, then the boot code. Last,
-the trim: blocks that hold only zeros (mkfs writes the journal as zeros, about 64 MiB)
-become holes, so the raw and every conversion of it read and store less.
+the trim: blocks that hold only zeros become holes, so the raw and every conversion of it
+read and store less. With --loop, the filesystem is made on a loop device's partition and
+the tree copied onto it mounted instead (diskimage-builder's way).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from factory import layouts, proc, sizing
+from factory import layouts, loopdev, proc, sizing
 from factory.fsutil import aside
 from factory.results import Output, StageError
 from factory.stages import Context, bootloader
@@ -22,7 +23,12 @@ def partition(disk: Path, offset: int) -> str:
     return f"{disk}?offset={offset}"
 
 
-def mkfs_args(tree: Path, disk: Path, uuid: str, offset: int, size: int) -> list[str]:
+def mkfs_args(tree: Path | None, disk: Path | str, uuid: str, offset: int, size: int) -> list[str]:
+    """mkfs.ext4 into a byte range of `disk`, filled from `tree` (None: left empty)."""
+    # lazy_journal_init: the journal of a new sparse file reads as zeros already; writing
+    # them (mkfs's default) would store 64 MiB of zeros in every image.
+    fill = ["-d", str(tree)] if tree is not None else []
+    extended = f"lazy_journal_init=1,offset={offset}" if offset else "lazy_journal_init=1"
     return [
         "mkfs.ext4",
         "-q",
@@ -36,12 +42,31 @@ def mkfs_args(tree: Path, disk: Path, uuid: str, offset: int, size: int) -> list
         "-J",
         f"size={sizing.JOURNAL // layouts.MiB}",
         "-E",
-        f"offset={offset}",
-        "-d",
-        str(tree),
+        extended,
+        *fill,
         str(disk),
         f"{size // 1024}k",
     ]
+
+
+async def _fill_through_loop(
+    ctx: Context, disk: Path, tree: Path, layout: layouts.Layout, uuid: str, size: int
+) -> None:
+    """diskimage-builder's way, for kernels and tools where it is wanted: a loop device,
+    its partitions from partx, mkfs on the root partition, the tree copied onto it
+    mounted, fstrim; each undone on every exit path."""
+    number = [p.role for p in layout.partitions].index("root") + 1
+    ctx.emit("loop device")
+    async with (
+        loopdev.attached(disk) as device,
+        loopdev.partitions(device, len(layout.partitions)) as parts,
+    ):
+        ctx.emit(f"mkfs.ext4 {parts[number - 1]}")
+        await proc.run(mkfs_args(None, parts[number - 1], uuid, 0, size))
+        async with loopdev.mount(parts[number - 1], ctx.cell_work / "mnt") as point:
+            ctx.emit("copying tree")
+            await proc.run(["cp", "-a", f"{tree}/.", point])
+            await proc.run(["fstrim", point])
 
 
 async def run(ctx: Context) -> Output:
@@ -64,8 +89,11 @@ async def run(ctx: Context) -> Output:
             input=layout.sfdisk_script(size.disk).encode(),
         )
         root_offset, root_size = layout.offsets(size.disk)["root"]
-        ctx.emit("mkfs.ext4 -d")
-        await proc.run(mkfs_args(tree, tmp, p["root_uuid"], root_offset, root_size))
+        if ctx.ws.loop:
+            await _fill_through_loop(ctx, tmp, tree, layout, p["root_uuid"], root_size)
+        else:
+            ctx.emit("mkfs.ext4 -d")
+            await proc.run(mkfs_args(tree, tmp, p["root_uuid"], root_offset, root_size))
         fs = partition(tmp, root_offset)
         await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", fs])
         ctx.emit("boot code")
