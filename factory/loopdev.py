@@ -48,6 +48,9 @@ async def attached(image: Path) -> AsyncIterator[str]:
 async def partitions(device: str, count: int) -> AsyncIterator[list[str]]:
     """The device's partitions 1..count as block devices, from its partition table."""
     try:
+        # A device freed by `losetup -d` alone keeps its partition entries, and partx -a
+        # then fails with "busy": clear whatever an earlier user left first.
+        await proc.run(["partx", "-d", device], check=False)
         await proc.run(["partx", "-a", device])
         parts = [f"{device}p{n}" for n in range(1, count + 1)]
         missing = [p for p in parts if not os.path.exists(p)]
