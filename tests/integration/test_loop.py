@@ -74,3 +74,24 @@ def test_after_sigkill_on_the_loop_device_factory_clean_detaches_it(tmp_path: Pa
     assert "detached /dev/loop" in done.stdout and "unmounted" in done.stdout, done.stdout
     time.sleep(0.5)
     assert loops_on(tmp_path) == [] and mounts_under(tmp_path) == []
+
+
+def test_a_device_left_with_partition_entries_is_reused(tmp_path: Path) -> None:
+    """Another tool freed a loop device with `losetup -d` alone: its partition entries
+    stay, and a plain `partx -a` on it fails "busy". The next free device is that one."""
+    other = tmp_path / "other.img"
+    subprocess.run(["truncate", "-s", "64M", other], check=True)
+    subprocess.run(["sfdisk", "-q", other], input=b"label: dos\nstart=2048, type=83\n", check=True)
+    device = subprocess.run(
+        ["losetup", "--find", "--show", other], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    subprocess.run(["partx", "-a", device], check=True)
+    subprocess.run(["losetup", "-d", device], check=True)
+    try:
+        assert Path(f"{device}p1").exists()
+        build = run_matrix(LOOP, tmp_path / "out", "--loop")
+        assert build.returncode == 0, build.stderr[-3000:]
+        said = [e["message"] for e in build.events if e["job"] == f"assemble:{CELL}"]
+        assert f"mkfs.ext4 {device}p1" in said, said  # it did get that device
+    finally:
+        subprocess.run(["partx", "-d", device], check=False, capture_output=True)
