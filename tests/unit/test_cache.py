@@ -1,65 +1,90 @@
-"""The tree cache between runs: a run's entries are safe from another run's --refresh and
-prune until it ends. Two Cache objects on one folder are two runs: flock locks of two
-open files conflict even inside one process."""
+"""The tree cache between runs: --refresh and prune never pull a tree from under a run
+that reads it, and no run waits for another to end. Two Cache objects on one folder are
+two runs: flock locks of two open files conflict even inside one process."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anyio
 import pytest
 
-from factory.cache import Cache, opened
+from factory.cache import Cache, Entry, opened
 from tests.conftest import factory
 
 KEY = "ab" * 32
+OTHER = "cd" * 32
 
 
-async def build(cache: Cache, text: str) -> None:
-    async with cache.lock(KEY), cache.building(KEY, {"kind": "test"}) as root:
-        (root / "file").write_text(text)
-    await cache.use(KEY)
+async def build(cache: Cache, text: str, key: str = KEY) -> Entry:
+    """What rootfs and finalise do: build (or rebuild) under the lock, then use."""
+    async with cache.lock(key):
+        async with cache.building(key, {"kind": "test"}) as root:
+            (root / "file").write_text(text)
+        return await cache.use(key)
 
 
-async def test_refresh_waits_for_the_run_that_reads_the_tree(tmp_path: Path) -> None:
+def generations(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "gens").iterdir())
+
+
+async def test_refresh_replaces_a_tree_another_run_reads_without_waiting(
+    tmp_path: Path,
+) -> None:
     async with opened(tmp_path) as first:
-        await build(first, "old")
-        second = await Cache(tmp_path).open()
-        said: list[str] = []
-        replaced = anyio.Event()
-
-        async def refresh() -> None:
-            async with second.lock(KEY), second.building(KEY, {}, said.append) as root:
-                (root / "file").write_text("new")
-            replaced.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(refresh)
-            await anyio.sleep(1.5)
-            # The first run still reads its tree, whole; the second said why it waits.
-            assert (tmp_path / "trees" / KEY / "root/file").read_text() == "old"
-            assert not replaced.is_set()
-            assert said == [
-                f"waiting: another run is using tree {KEY[:12]}; it is replaced when that run ends"
-            ]
-            first.release()
+        old = await build(first, "old")
+        async with opened(tmp_path) as second:
             with anyio.fail_after(10):
-                await replaced.wait()
-        assert (tmp_path / "trees" / KEY / "root/file").read_text() == "new"
-        assert list((tmp_path / "tmp").iterdir()) == []
+                new = await build(second, "new")
+            # The key names the new tree; the first run still reads its own, whole.
+            assert (tmp_path / "trees" / KEY / "root/file").read_text() == "new"
+            assert (old.root / "file").read_text() == "old"
+            assert new.path != old.path and len(generations(tmp_path)) == 2
+    # Both runs are over: the next one to open the store deletes the old generation.
+    await Cache(tmp_path).open()
+    assert generations(tmp_path) == [new.path.name]
+    assert not old.path.exists() and list((tmp_path / "tmp").iterdir()) == []
 
 
-async def test_remove_without_waiting_keeps_a_used_tree(tmp_path: Path) -> None:
+async def test_two_refreshing_runs_crossing_over_do_not_deadlock(tmp_path: Path) -> None:
+    """Run A uses X and refreshes Y while run B uses Y and refreshes X."""
+    async with opened(tmp_path) as a, opened(tmp_path) as b:
+        await build(a, "x1", KEY)
+        await build(b, "y1", OTHER)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(build, a, "y2", OTHER)
+                tg.start_soon(build, b, "x2", KEY)
+    assert (tmp_path / "trees" / KEY / "root/file").read_text() == "x2"
+    assert (tmp_path / "trees" / OTHER / "root/file").read_text() == "y2"
+
+
+async def test_remove_keeps_a_used_tree(tmp_path: Path) -> None:
     async with opened(tmp_path) as first:
         await build(first, "x")
         second = await Cache(tmp_path).open()
         async with second.lock(KEY):
-            assert await second.remove(KEY, wait=False) is False
-        assert second.get(KEY) is not None
-    # The first run is over: now it goes.
+            assert await second.remove(KEY) is False
+        assert second.get(KEY) is not None and second.in_use(KEY)
     async with second.lock(KEY):
-        assert await second.remove(KEY, wait=False) is True
-    assert second.get(KEY) is None
+        assert not second.in_use(KEY)
+        assert await second.remove(KEY) is True
+    assert second.get(KEY) is None and generations(tmp_path) == []
+
+
+async def test_a_plain_folder_from_an_older_store_is_adopted(tmp_path: Path) -> None:
+    plain = tmp_path / "trees" / KEY
+    (plain / "root").mkdir(parents=True)
+    (plain / "root/file").write_text("kept")
+    (plain / "meta.json").write_text(json.dumps({"kind": "rootfs"}))
+    cache = await Cache(tmp_path).open()
+    assert plain.is_symlink()
+    entry = cache.get(KEY)
+    assert entry is not None and (entry.root / "file").read_text() == "kept"
+    async with opened(tmp_path) as run:
+        await build(run, "rebuilt")
+    assert (plain / "root/file").read_text() == "rebuilt"
 
 
 @pytest.mark.parametrize("in_use", [True, False])
