@@ -291,7 +291,8 @@ def seed(host: Sshd, matrix: Path, *, like: Path | None = None) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             # Hard links: cached trees are never changed in place, and a copy of each
             # would cost the disk a gigabyte per host.
-            subprocess.run(["cp", "-al", str(CACHE / "trees" / source[jid]), str(dest)], check=True)
+            tree = (CACHE / "trees" / source[jid]).resolve()  # the generation KEY names
+            subprocess.run(["cp", "-al", str(tree), str(dest)], check=True)
 
 
 def write_matrix(folder: Path, text: str) -> Path:
