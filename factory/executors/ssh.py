@@ -593,9 +593,11 @@ class Placed:
     def __init__(self, cell: CellRun) -> None:
         self.cell = cell
         self.host: str | None = cell.place()
+        self.held: anyio.CapacityLimiter | None = None  # the slot the scheduler took
 
     def limiter(self, job: Job) -> anyio.CapacityLimiter:
-        return self.cell.limiter()
+        self.held = self.cell.limiter()
+        return self.held
 
     async def run(
         self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
@@ -735,8 +737,13 @@ class CellRun:
             while True:
                 session = await self.session_for(job)
                 placed.host = session.host
+                # After a retry the job runs on another host than the one whose slot the
+                # scheduler gave it: it takes one of that host's slots too.
+                slots = session.remote.slots if isinstance(session, RemoteSession) else None
+                slot = slots if slots is not None and slots is not placed.held else None
                 try:
-                    out = await self._run_in(session, job, emit)
+                    async with slot if slot is not None else contextlib.nullcontext():
+                        out = await self._run_in(session, job, emit)
                 except HostLost as lost:
                     async with self.lock:
                         self._lost(session, str(lost))
