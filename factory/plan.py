@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from factory import formats, layouts
+from factory import formats
 from factory.distros import debian
 from factory.spec import Cell, Matrix
 
@@ -116,8 +116,9 @@ def hook_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def artifact_name(cell: Cell, fmt: str) -> str:
-    return f"{cell.id}.{formats.get(fmt).suffix}"
+def artifact_name(cell: Cell, fmt: str, layout: str = "") -> str:
+    """`CELL.SUFFIX`; `CELL-LAYOUT.SUFFIX` for the disks of a cell with several layouts."""
+    return f"{cell.id}{f'-{layout}' if layout else ''}.{formats.get(fmt).suffix}"
 
 
 class _Builder:
@@ -149,7 +150,7 @@ class _Builder:
 
 def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
     m = b.matrix
-    layout = m.layout_for(cell.arch)
+    layouts = m.layouts_for(cell.arch)
     wanted = [formats.get(f) for f in m.formats]
     disk_formats = [f for f in wanted if f.source == "disk"]
     tree_formats = [f for f in wanted if f.source == "tree"]
@@ -163,7 +164,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
             "release": cell.distro.release,
             "arch": cell.arch,
             "packages": debian.packages_for(
-                cell.distro.release, cell.arch, layout.name, m.image.packages
+                cell.distro.release, cell.arch, [lay.name for lay in layouts], m.image.packages
             ),
             "mirror": m.mirrors.debian,
             "updates": m.mirrors.updates,
@@ -180,7 +181,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
             "family": cell.distro.family,
             "release": cell.distro.release,
             "arch": cell.arch,
-            "layout": layout.name,
+            "layouts": [lay.name for lay in layouts],
             "root_uuid": root_uuid,
             "filesystem": m.image.filesystem,
             "image_name": cell.id,
@@ -189,7 +190,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
         },
     )
 
-    def publish(source: str, fmt: formats.Format) -> None:
+    def publish(source: str, fmt: formats.Format, layout: str = "") -> None:
         b.add(
             "publish",
             cell,
@@ -197,13 +198,16 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
             {
                 "format": fmt.name,
                 "source": "disk" if fmt.source == "disk" else "tree",
-                "name": f"{cell.id}/{artifact_name(cell, fmt.name)}",
+                "name": f"{cell.id}/{artifact_name(cell, fmt.name, layout)}",
                 "qemu": fmt.qemu,
+                **({"layout": layout} if layout else {}),
             },
-            fmt.name,
+            f"{fmt.name}-{layout}" if layout else fmt.name,
         )
 
-    if disk_formats or m.image.boot_test:
+    for layout in layouts if disk_formats or m.image.boot_test else ():
+        # With several layouts, each disk's jobs and files carry its layout's name.
+        named = layout.name if len(layouts) > 1 else ""
         assemble = b.add(
             "assemble",
             cell,
@@ -216,10 +220,11 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
                 "filesystem": m.image.filesystem,
                 "root_uuid": root_uuid,
             },
+            named,
         )
         for fmt in disk_formats:
             if fmt.name == "raw":
-                publish(assemble, fmt)
+                publish(assemble, fmt, named)
                 continue
             convert = b.add(
                 "convert",
@@ -231,9 +236,9 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
                     "compression": m.image.qcow2_compression if fmt.name == "qcow2" else None,
                     "vhd_subformat": m.image.vhd_subformat if fmt.name == "vhd" else None,
                 },
-                fmt.name,
+                f"{fmt.name}-{named}" if named else fmt.name,
             )
-            publish(convert, fmt)
+            publish(convert, fmt, named)
         if m.image.boot_test:
             b.add(
                 "boot",
@@ -244,6 +249,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
                     "layout": layout.name,
                     "timeout": m.image.boot_timeout,
                 },
+                named,
             )
     for fmt in tree_formats:
         pack = b.add(
@@ -282,7 +288,3 @@ def describe(plan: Plan) -> Iterator[str]:
             after = ", ".join(d.replace(f":{cell}", "") for d in job.deps)
             tail = f"  ← {after}" if after else ""
             yield f"  {job.id.split(':', 1)[0]:<9} {job.id:<48} {job.key[:12]}{tail}"
-
-
-def layout_of(job: Job) -> layouts.Layout:
-    return layouts.LAYOUTS[str(job.params["layout"])]

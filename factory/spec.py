@@ -392,7 +392,12 @@ class Image(_Model):
     size: Annotated[Size | None, BeforeValidator(_size)] = None  # None: from the tree + extra_size
     extra_size: Annotated[Size, BeforeValidator(_size)] = 256 * MiB
     filesystem: Literal["ext4"] = "ext4"
-    layout: Annotated[str, AfterValidator(_layout)] = "auto"
+    # One layout, or several: each cell gets a disk per layout that fits its arch.
+    layout: Annotated[
+        tuple[Annotated[str, AfterValidator(_layout)], ...],
+        BeforeValidator(lambda v: (_layout(v),) if isinstance(v, str) else v),
+        AfterValidator(_listing("layout", '["mbr", "gpt-efi"]')),
+    ] = ("auto",)
     hooks: Annotated[
         tuple[Annotated[Path, BeforeValidator(_hook)], ...], AfterValidator(_unique("hook folder"))
     ] = ()
@@ -489,14 +494,27 @@ class Matrix(_Model):
                 "the excludes remove every cell (remove an exclude, or add arches or distros)",
                 "exclude",
             )
-        layout = self.image.layout
-        for arch in dict.fromkeys(c.arch for c in cells):
-            if layout != "auto" and layout not in ARCH_LAYOUTS[arch]:
-                fits = [a for a, names in ARCH_LAYOUTS.items() if layout in names]
+        arches = list(dict.fromkeys(c.arch for c in cells))
+        layouts = self.image.layout
+        for i, layout in enumerate(layouts):
+            fits = [a for a, names in ARCH_LAYOUTS.items() if layout in names]
+            unfit = [a for a in arches if layout != "auto" and a not in fits]
+            # One layout must fit every arch; of several, each must fit one arch at least.
+            if unfit and (len(layouts) == 1 or len(unfit) == len(arches)):
+                arch = unfit[0]
                 raise _Problem(
                     f"layout {layout!r} does not fit arch {arch} ({layout} is for: "
                     f"{_one_of(fits) or 'no arch'}; {arch} takes: {_one_of(ARCH_LAYOUTS[arch])}; "
                     'or use "auto")',
+                    "image",
+                    "layout",
+                    *([i] if len(layouts) > 1 else []),
+                )
+        for arch in arches:
+            if not self.layouts_for(arch):
+                raise _Problem(
+                    f"no layout of {_one_of(layouts)} fits arch {arch} (it takes: "
+                    f'{_one_of(ARCH_LAYOUTS[arch])}; or add "auto")',
                     "image",
                     "layout",
                 )
@@ -507,8 +525,11 @@ class Matrix(_Model):
         every = (Cell(d, a) for d in self.distros for a in self.arches)
         return tuple(c for c in every if not any(ex.matches(c) for ex in self.exclude))
 
-    def layout_for(self, arch: str) -> Layout:
-        return resolve(self.image.layout, arch)
+    def layouts_for(self, arch: str) -> tuple[Layout, ...]:
+        """The disks a cell of `arch` gets: each listed layout that fits it ("auto": the
+        arch's default), once each, in the order given."""
+        fitting = (n for n in self.image.layout if n == "auto" or n in ARCH_LAYOUTS[arch])
+        return tuple(dict.fromkeys(resolve(n, arch) for n in fitting))
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -36,10 +36,14 @@ KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 HOST_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 
 
-def packages_for(release: str, arch: str, layout: str, extra: Iterable[str]) -> list[str]:
-    """Everything mmdebstrap installs on top of minbase, sorted and without repeats."""
+def packages_for(
+    release: str, arch: str, layouts: Iterable[str], extra: Iterable[str]
+) -> list[str]:
+    """Everything mmdebstrap installs on top of minbase (the boot loaders of every layout
+    the tree's disks use), sorted and without repeats."""
     del release  # the same set serves every supported release today
-    return sorted({KERNELS[arch], *BASE, *BOOTLOADER[layout], *extra})
+    loaders = (pkg for layout in layouts for pkg in BOOTLOADER[layout])
+    return sorted({KERNELS[arch], *BASE, *loaders, *extra})
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,9 @@ class Context:
         path = self.ws.work / self.job.cell
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def layout_work(self, layout: str) -> Path:
+        """A folder of the cell's disk in `layout`: a cell may have several disks."""
+        path = self.cell_work / layout
+        path.mkdir(exist_ok=True)
+        return path

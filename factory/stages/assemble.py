@@ -61,7 +61,7 @@ async def _fill_through_loop(
     ):
         ctx.emit(f"mkfs.ext4 {parts[number - 1]}")
         await proc.run(mkfs_args(None, parts[number - 1], uuid, 0, size))
-        async with loopdev.mount(parts[number - 1], ctx.cell_work / "mnt") as point:
+        async with loopdev.mount(parts[number - 1], disk.parent / "mnt") as point:
             ctx.emit("copying tree")
             await proc.run(["cp", "-a", f"{tree}/.", point])
             await proc.run(["fstrim", point])
@@ -76,7 +76,8 @@ async def run(ctx: Context) -> Output:
         size = sizing.disk_size(sizing.measure(tree), layout, p["extra_size"], p["size"])
     except sizing.TooSmall as exc:
         raise StageError(str(exc)) from None
-    disk = ctx.cell_work / "disk.raw"
+    work = ctx.layout_work(layout.name)
+    disk = work / "disk.raw"
     tmp = aside(disk)
     try:
         tmp.unlink(missing_ok=True)
@@ -95,7 +96,7 @@ async def run(ctx: Context) -> Output:
         fs = partition(tmp, root_offset)
         await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", fs])
         ctx.emit("boot code")
-        await bootloader.install(tmp, tree, layout, p["root_uuid"], ctx.cell_work)
+        await bootloader.install(tmp, tree, layout, p["root_uuid"], work)
         await proc.run(["e2fsck", "-fn", fs])
         ctx.emit("trim")
         allocated = tmp.stat().st_blocks * 512

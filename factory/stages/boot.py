@@ -179,7 +179,7 @@ async def run(ctx: Context) -> Output:
         arch=p["arch"],
         firmware=firmware,
         timeout=p["timeout"],
-        work=ctx.cell_work,
+        work=ctx.layout_work(p["layout"]),
         verdicts=ctx.ws.cache.root / KVM_VERDICTS,
         say=ctx.emit,
     )

@@ -81,7 +81,7 @@ async def run(ctx: Context) -> Output:
     fmt = formats.get(p["format"])
     raw = ctx.input_path("assemble")
     virtual = ctx.input("assemble").info.get("virtual_size") or raw.stat().st_size
-    dest = ctx.cell_work / f"disk.{fmt.suffix}"
+    dest = raw.with_suffix(f".{fmt.suffix}")  # beside its raw disk, one folder per layout
     tmp = aside(dest)
     try:
         if fmt.name == "vhd" and shutil.which("vhd-util"):

@@ -229,7 +229,8 @@ def _identity(tree: Path) -> None:
 
 
 def _bootloader(tree: Path, p: dict[str, Any]) -> None:
-    for platform in GRUB_PLATFORMS[p["layout"]]:
+    platforms = (pf for layout in p["layouts"] for pf in GRUB_PLATFORMS[layout])
+    for platform in dict.fromkeys(platforms):
         src = tree / "usr/lib/grub" / platform
         if not src.is_dir():
             raise StageError(

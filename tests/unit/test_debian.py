@@ -254,7 +254,7 @@ def test_rendered_sources_parse_back() -> None:
     ],
 )
 def test_packages_for(arch: str, layout: str, kernel: str, grub: str) -> None:
-    got = packages_for("bookworm", arch, layout, ["openssh-server", "curl", "openssh-server"])
+    got = packages_for("bookworm", arch, [layout], ["openssh-server", "curl", "openssh-server"])
     assert got == sorted(set(got))  # sorted, no repeats
     assert kernel in got
     assert grub in got
@@ -267,8 +267,14 @@ def test_packages_for(arch: str, layout: str, kernel: str, grub: str) -> None:
 
 
 def test_packages_for_user_package_already_in_base() -> None:
-    plain = packages_for("trixie", "amd64", "mbr", [])
-    assert packages_for("trixie", "amd64", "mbr", ["udev", "systemd-sysv"]) == plain
+    plain = packages_for("trixie", "amd64", ["mbr"], [])
+    assert packages_for("trixie", "amd64", ["mbr"], ["udev", "systemd-sysv"]) == plain
+
+
+def test_packages_for_several_layouts_are_their_union() -> None:
+    both = packages_for("bookworm", "amd64", ["mbr", "gpt-efi"], [])
+    assert both == packages_for("bookworm", "amd64", ["gpt-efi"], [])
+    assert set(packages_for("bookworm", "amd64", ["mbr"], [])) < set(both)
 
 
 EMBEDDED_KEY = """\

@@ -224,7 +224,6 @@ def test_layout_follows_the_arch(nightly: Plan) -> None:
     for j in nightly.jobs:
         if j.kind == "assemble":
             assert j.params["layout"] == {"amd64": "mbr", "ppc64el": "ppc-prep"}[j.arch]
-            assert plan_mod.layout_of(j).name == j.params["layout"]
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -323,3 +322,37 @@ def test_hook_digest(tmp_path: Path) -> None:
     (d / "cleanup.d").mkdir()
     (d / "cleanup.d" / "link").symlink_to("../finalise.d/other")
     assert len({hook_digest(a), hook_digest(c), hook_digest(d)}) == 3
+
+
+def test_several_layouts_give_a_cell_a_disk_each_from_one_tree(tmp_path: Path) -> None:
+    """amd64 gets mbr and gpt-efi disks, ppc64el its ppc-prep one; one rootfs per cell."""
+    path = write_matrix(
+        tmp_path,
+        formats='["raw", "qcow2", "tar"]',
+        extra='layout = ["mbr", "gpt-efi", "ppc-prep"]\nboot_test = true\n',
+        exclude='[{ distro = "debian/trixie" }]',
+    )
+    p = make_plan(load_matrix(path))
+    amd, ppc = "debian-bookworm-amd64", "debian-bookworm-ppc64el"
+    ids = {j.id for j in p.jobs}
+    assert {f"rootfs:{amd}", f"rootfs:{ppc}"} <= ids
+    assert sum(j.kind == "rootfs" for j in p.jobs) == 2
+    for layout in ("mbr", "gpt-efi"):
+        assert {
+            f"assemble:{amd}:{layout}",
+            f"convert:{amd}:qcow2-{layout}",
+            f"publish:{amd}:raw-{layout}",
+            f"publish:{amd}:qcow2-{layout}",
+            f"boot:{amd}:{layout}",
+        } <= ids
+    # A cell with one layout keeps the plain names.
+    assert {f"assemble:{ppc}", f"publish:{ppc}:raw", f"boot:{ppc}"} <= ids
+    assert f"publish:{amd}:tar" in ids  # tree formats: once per cell
+    names = {j.params["name"] for j in p.jobs if j.kind == "publish"}
+    assert f"{amd}/{amd}-gpt-efi.qcow2" in names and f"{amd}/{amd}-mbr.raw" in names
+    assert f"{ppc}/{ppc}.raw" in names
+    by_id = p.by_id()
+    # The amd64 tree carries both boot loaders; each boot job boots its own disk.
+    assert {"grub-pc-bin", "shim-signed"} <= set(by_id[f"rootfs:{amd}"].params["packages"])
+    assert by_id[f"finalise:{amd}"].params["layouts"] == ["mbr", "gpt-efi"]
+    assert by_id[f"boot:{amd}:gpt-efi"].deps == (f"assemble:{amd}:gpt-efi",)

@@ -119,8 +119,8 @@ def test_full_example_loads(tmp_path: Path) -> None:
     assert host.key == Path.home() / ".ssh/id_ed25519"
     assert host.known_hosts == Path.home() / ".ssh/known_hosts"
     assert host.arches == ("ppc64el",)
-    assert m.layout_for("amd64") is LAYOUTS["mbr"]
-    assert m.layout_for("ppc64el") is LAYOUTS["ppc-prep"]
+    assert m.layouts_for("amd64") == (LAYOUTS["mbr"],)
+    assert m.layouts_for("ppc64el") == (LAYOUTS["ppc-prep"],)
 
 
 def test_distro_names() -> None:
@@ -167,7 +167,7 @@ def test_sizes_hooks_and_paths_resolve(tmp_path: Path) -> None:
     assert (m.image.size, m.image.extra_size) == (3 * GiB // 2, 64 * MiB)
     assert m.image.hooks == (tmp_path / "hooks/a", tmp_path / "hooks")
     assert m.hosts[0].key == tmp_path / "keys/id"
-    assert m.layout_for("amd64") is LAYOUTS["gpt-efi"]
+    assert m.layouts_for("amd64") == (LAYOUTS["gpt-efi"],)
 
 
 def test_models_build_in_code() -> None:
@@ -405,6 +405,42 @@ BAD: dict[str, tuple[list[str], str, int, str]] = {
         "image.layout",
         6,
         "ppc-prep is for: ppc64el",
+    ),
+    "layouts-one-fits-no-arch": (
+        [
+            'name = "t"',
+            'arches = ["amd64"]',
+            *HEAD[2:],
+            "[image]",
+            'layout = ["mbr", "ppc-prep"]',
+        ],
+        "image.layout[1]",
+        6,
+        "ppc-prep is for: ppc64el",
+    ),
+    "layouts-none-for-an-arch": (
+        [
+            'name = "t"',
+            'arches = ["amd64", "ppc64el"]',
+            *HEAD[2:],
+            "[image]",
+            'layout = ["mbr", "gpt-efi"]',
+        ],
+        "image.layout",
+        6,
+        "no layout of mbr, gpt-efi fits arch ppc64el",
+    ),
+    "layouts-twice": (
+        [*HEAD, "[image]", 'layout = ["mbr", "mbr"]'],
+        "image.layout[1]",
+        6,
+        "listed twice",
+    ),
+    "layouts-empty": (
+        [*HEAD, "[image]", "layout = []"],
+        "image.layout",
+        6,
+        "the list is empty",
     ),
     # excludes
     "exclude-arch-absent": (
@@ -811,3 +847,14 @@ def test_host_worker_values_without_shell_syntax(
     err = error_of(write(tmp_path, "\n".join([*HEAD, *HOST, line]) + "\n"))
     assert (err.field, err.line) == (f"hosts[0].{field}", 9)
     assert fragment in err.message
+
+
+def test_several_layouts_give_each_arch_those_that_fit(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'name = "t"\narches = ["amd64", "ppc64el"]\ndistros = ["debian/bookworm"]\n'
+        'formats = ["raw"]\n[image]\nlayout = ["mbr", "gpt-efi", "ppc-prep"]\n',
+    )
+    m = load_matrix(path)
+    assert m.layouts_for("amd64") == (LAYOUTS["mbr"], LAYOUTS["gpt-efi"])
+    assert m.layouts_for("ppc64el") == (LAYOUTS["ppc-prep"],)
