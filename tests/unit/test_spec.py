@@ -183,7 +183,7 @@ def test_models_build_in_code() -> None:
     assert [c.id for c in m.cells()] == ["debian-bookworm-amd64"]
 
 
-@pytest.mark.parametrize("name", ["default.toml", "nightly.toml", "ppc-farm.toml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "matrix").glob("*.toml")))
 def test_shipped_matrices_load(name: str) -> None:
     m = load_matrix(REPO / "matrix" / name)
     assert m.name == name.removesuffix(".toml")
@@ -200,6 +200,9 @@ def test_shipped_matrices_say_what_they_should() -> None:
     farm = load_matrix(REPO / "matrix/ppc-farm.toml")
     assert farm.fallback == "local"
     assert (farm.hosts[0].address, farm.hosts[0].port, farm.hosts[0].jobs) == ("127.0.0.1", 2222, 2)
+    layouts = load_matrix(REPO / "matrix/layouts.toml")
+    assert [lay.name for lay in layouts.layouts_for("amd64")] == ["mbr", "gpt-efi"]
+    assert [lay.name for lay in layouts.layouts_for("ppc64el")] == ["ppc-prep"]
 
 
 @pytest.mark.parametrize(
