@@ -181,6 +181,7 @@ class Cache:
             run.add_mount(tmp)
         try:
             yield tmp / "root"
+            await _unmount_under(tmp)
             log = proc.current_log.get()
             if log is not None and log.path.is_file():
                 shutil.copyfile(log.path, tmp / "build.log")
@@ -302,6 +303,17 @@ async def opened(root: Path) -> AsyncIterator[Cache]:
         yield cache
     finally:
         cache.release()
+
+
+async def _unmount_under(tree: Path) -> None:
+    """Nothing mounted may go into the store: mmdebstrap only warns when it cannot unmount
+    the tree's /proc ("W: umount /proc failed" when something held it busy)."""
+    for point in state.mounts_under(str(tree)):
+        proc.note(f"{point} was left mounted; unmounting it")
+        if (await proc.run(["umount", point], check=False)).returncode != 0:
+            await proc.run(["umount", "--lazy", point], check=False)
+    if state.mounts_under(str(tree)):
+        raise OSError(f"{tree}: cannot unmount {', '.join(state.mounts_under(str(tree)))}")
 
 
 async def remove_tree(path: Path) -> None:

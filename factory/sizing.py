@@ -29,15 +29,25 @@ class DiskSize:
 
 
 def measure(tree: Path) -> TreeUsage:
-    """Allocated bytes and inode count of a tree; hard links counted once."""
-    seen: set[tuple[int, int]] = set()
+    """Allocated bytes and inode count of a tree; hard links counted once. Like `du -x`,
+    it stays on the tree's filesystem: a tool that left /proc mounted in the tree must
+    not make it count (or trip over) another filesystem's entries."""
+    device = os.lstat(tree).st_dev
+    seen: set[int] = set()
     allocated = entries = 0
     for dirpath, dirs, files in os.walk(tree):
         for name in (*dirs, *files):
-            st = os.lstat(os.path.join(dirpath, name))
-            if (st.st_dev, st.st_ino) in seen:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
                 continue
-            seen.add((st.st_dev, st.st_ino))
+            if st.st_dev != device:
+                if name in dirs:
+                    dirs.remove(name)  # a mount point: do not walk into it
+                continue
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
             allocated += st.st_blocks * 512
             entries += 1
     return TreeUsage(allocated, entries + 1)

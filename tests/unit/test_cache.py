@@ -5,11 +5,13 @@ two runs: flock locks of two open files conflict even inside one process."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import anyio
 import pytest
 
+from factory import proc, state
 from factory.cache import Cache, Entry, opened
 from tests.conftest import factory
 
@@ -108,3 +110,14 @@ async def test_prune_all_skips_trees_in_use(tmp_path: Path, in_use: bool) -> Non
     else:
         assert "removed 1 trees" in proc.stdout
         assert not (tmp_path / "trees" / KEY).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+async def test_nothing_mounted_goes_into_the_store(tmp_path: Path) -> None:
+    cache = await Cache(tmp_path).open()
+    async with cache.lock(KEY), cache.building(KEY, {}) as root:
+        (root / "proc").mkdir()
+        await proc.run(["mount", "-t", "tmpfs", "left", root / "proc"])
+    assert state.mounts_under(str(tmp_path)) == []
+    entry = cache.get(KEY)
+    assert entry is not None and (entry.root / "proc").is_dir()

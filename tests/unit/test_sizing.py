@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,19 @@ def test_fixed_size_too_small_for_the_tree_is_refused() -> None:
     usage = TreeUsage(allocated=700 * MiB, entries=30000)
     with pytest.raises(sizing.TooSmall, match=r"image.size 512 MiB cannot hold the tree.*at least"):
         disk_size(usage, LAYOUTS["mbr"], 0, 512 * MiB)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts /proc: needs root")
+def test_measure_stays_on_the_trees_filesystem(tmp_path: Path) -> None:
+    """A /proc left mounted in a tree (mmdebstrap only warns when it cannot unmount it)
+    is neither counted nor walked: its entries come and go while we read them."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/hostname").write_text("x\n")
+    bare = measure(tmp_path)
+    (tmp_path / "proc").mkdir()
+    subprocess.run(["mount", "-t", "proc", "proc", tmp_path / "proc"], check=True)
+    try:
+        usage = measure(tmp_path)
+    finally:
+        subprocess.run(["umount", tmp_path / "proc"], check=True)
+    assert usage == bare  # not even the mount point: lstat of it is the other filesystem's
