@@ -84,7 +84,10 @@ class Cache:
         """The generation KEY names, if whole. A plain folder at trees/KEY (a store
         written by hand or by an older factory) is its own generation."""
         link = self.trees / key
-        target = self.trees / os.readlink(link) if link.is_symlink() else link
+        try:  # another run may swap or remove the link meanwhile
+            target = self.trees / os.readlink(link) if link.is_symlink() else link
+        except OSError:
+            return None
         return target if (target / "meta.json").is_file() else None
 
     def get(self, key: str) -> Entry | None:
@@ -92,8 +95,16 @@ class Cache:
         return Entry(key, found.resolve()) if found is not None else None
 
     def entries(self) -> list[Entry]:
+        """Every entry, least recently used first (one that goes meanwhile, first of all)."""
+
+        def used(entry: Entry) -> float:
+            try:
+                return entry.path.stat().st_mtime
+            except OSError:
+                return 0.0
+
         found = [self.get(p.name) for p in self.trees.iterdir() if not p.name.startswith(".")]
-        return sorted((e for e in found if e), key=lambda e: e.path.stat().st_mtime)
+        return sorted((e for e in found if e), key=used)
 
     async def _flock(
         self, name: str, mode: int, message: str | None, waiting: Callable[[str], None] | None
