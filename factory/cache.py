@@ -32,6 +32,7 @@ from typing import Any
 import anyio
 
 from factory import proc, state
+from factory.mounts import unmount
 
 DEFAULT_CACHE = Path("/var/cache/factory")
 LOCK_POLL = 0.5
@@ -321,8 +322,7 @@ async def _unmount_under(tree: Path) -> None:
     the tree's /proc ("W: umount /proc failed" when something held it busy)."""
     for point in state.mounts_under(str(tree)):
         proc.note(f"{point} was left mounted; unmounting it")
-        if (await proc.run(["umount", point], check=False)).returncode != 0:
-            await proc.run(["umount", "--lazy", point], check=False)
+        await unmount(point)
     if state.mounts_under(str(tree)):
         raise OSError(f"{tree}: cannot unmount {', '.join(state.mounts_under(str(tree)))}")
 

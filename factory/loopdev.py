@@ -18,6 +18,7 @@ from pathlib import Path
 import anyio
 
 from factory import proc, state
+from factory.mounts import unmount
 from factory.results import StageError
 
 
@@ -81,11 +82,7 @@ async def mount(device: str, point: Path) -> AsyncIterator[Path]:
         yield point
     finally:
         with anyio.CancelScope(shield=True):
-            if os.path.ismount(point):
-                result = await proc.run(["umount", point], check=False)
-                if result.returncode != 0 and os.path.ismount(point):
-                    await proc.run(["umount", "--lazy", point], check=False)
-            if run is not None and not os.path.ismount(point):
+            if await unmount(point) and run is not None:
                 run.drop_mount(point)
 
 

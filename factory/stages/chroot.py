@@ -7,13 +7,13 @@ success, failure and cancellation alike (cleanup shielded), so no mount outlives
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import anyio
 
 from factory import proc, state
+from factory.mounts import unmount
 
 BINDS: tuple[tuple[str, Sequence[str]], ...] = (
     ("proc", ("-t", "proc", "proc")),
@@ -28,12 +28,6 @@ CHROOT_ENV = {
     "DEBIAN_FRONTEND": "noninteractive",
     "HOME": "/root",
 }
-
-
-def mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        return any(line.split()[4] == target for line in fh)
 
 
 @contextlib.asynccontextmanager
@@ -51,11 +45,7 @@ async def bound(tree: Path) -> AsyncIterator[Path]:
     finally:
         with anyio.CancelScope(shield=True):
             for target in reversed(done):
-                if mounted(target):
-                    result = await proc.run(["umount", target], check=False)
-                    if result.returncode != 0 and mounted(target):
-                        await proc.run(["umount", "--lazy", target], check=False)
-                if (run := state.current()) is not None and not mounted(target):
+                if await unmount(target) and (run := state.current()) is not None:
                     run.drop_mount(target)
 
 
