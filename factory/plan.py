@@ -148,8 +148,13 @@ class _Builder:
         return jid
 
 
+# Until the archive state is read, a cell without [image] epoch has this clock.
+DEFAULT_EPOCH = 1_700_000_000
+
+
 def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
     m = b.matrix
+    epoch = m.image.epoch if m.image.epoch is not None else DEFAULT_EPOCH
     layouts = m.layouts_for(cell.arch)
     wanted = [formats.get(f) for f in m.formats]
     disk_formats = [f for f in wanted if f.source == "disk"]
@@ -169,6 +174,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
             "mirror": m.mirrors.debian,
             "updates": m.mirrors.updates,
             "security": m.mirrors.security,
+            "epoch": epoch,
         },
     )
     rootfs_key = b.keys[rootfs]
@@ -187,6 +193,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
             "image_name": cell.id,
             "hooks": hooks,
             "manifest": f"{cell.id}/{cell.id}.manifest.json",
+            "epoch": epoch,
         },
     )
 
@@ -219,6 +226,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
                 "extra_size": m.image.extra_size,
                 "filesystem": m.image.filesystem,
                 "root_uuid": root_uuid,
+                "epoch": epoch,
             },
             named,
         )
@@ -235,6 +243,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
                     "qemu": fmt.qemu,
                     "compression": m.image.qcow2_compression if fmt.name == "qcow2" else None,
                     "vhd_subformat": m.image.vhd_subformat if fmt.name == "vhd" else None,
+                    "epoch": epoch,
                 },
                 f"{fmt.name}-{named}" if named else fmt.name,
             )
@@ -262,6 +271,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
                 "image_name": cell.id,
                 "docker_tag": m.image.docker_tag
                 or f"{m.name}/{cell.distro.family}:{cell.distro.release}-{cell.arch}",
+                "epoch": epoch,
             },
             fmt.name,
         )

@@ -406,6 +406,8 @@ class Image(_Model):
     docker_tag: Annotated[str, AfterValidator(_docker_tag)] | None = None
     boot_test: StrictBool = False
     boot_timeout: Annotated[StrictInt, Field(ge=1)] = 300
+    # SOURCE_DATE_EPOCH of every cell: None takes the newest Date: of its suites' Release.
+    epoch: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class Mirrors(_Model):
