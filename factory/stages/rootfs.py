@@ -14,7 +14,7 @@ from pathlib import Path
 
 import anyio
 
-from factory import proc, sizing
+from factory import proc, repro, sizing
 from factory.distros import debian
 from factory.proc import CommandError
 from factory.results import Output, StageError
@@ -157,7 +157,10 @@ async def run(ctx: Context) -> Output:
         async with cache.building(ctx.job.key, meta) as root:
             ctx.emit("mmdebstrap")
             try:
-                await proc.run(mmdebstrap_args(p, root, sources_file))
+                await proc.run(
+                    mmdebstrap_args(p, root, sources_file),
+                    env=repro.source_date_env(int(p["epoch"])),  # type: ignore[call-overload]
+                )
             except CommandError as exc:
                 raise StageError(explain(exc, str(p["arch"]))) from exc
             meta["bytes"] = sizing.measure(root).allocated
