@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import anyio
 import typer
 
+from factory import archive as archives
 from factory import plan as planning
 from factory import state
 from factory.cache import DEFAULT_CACHE, Cache
@@ -45,6 +46,29 @@ def _load(path: Path) -> Matrix:
         raise fail_usage(str(exc)) from None
 
 
+def _archive(matrix: Matrix) -> dict[str, archives.CellArchive]:
+    """Every cell's archive state, read before any work; unreadable: one line, exit 2."""
+    try:
+        return anyio.run(archives.read_matrix, matrix)
+    except archives.ArchiveError as exc:
+        raise fail_usage(f"{matrix.path}: {exc}") from None
+
+
+def _describe_archive(states: dict[str, archives.CellArchive], matrix: Matrix) -> list[str]:
+    lines = ["", "archive state (suite, Date:, InRelease sha256):"]
+    seen: set[tuple[str, str]] = set()
+    for cell, st in states.items():
+        epoch = planning.cell_epoch(matrix, st)
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+        lines.append(f"  {cell}: epoch {epoch} ({when})")
+        for s in st.suites:
+            if (s.uri, s.suite) in seen:
+                continue
+            seen.add((s.uri, s.suite))
+            lines.append(f"    {s.suite:<24} {s.date:<32} {s.sha256[:16]}  {s.url}")
+    return lines
+
+
 def _select(matrix: Matrix, plan: planning.Plan, only: list[str]) -> planning.Plan:
     if not only:
         return plan
@@ -68,11 +92,20 @@ def plan_cmd(
 ) -> None:
     """Print the jobs a run of MATRIX would do, and what each waits for."""
     m = _load(matrix)
-    p = planning.make_plan(m)
+    states = _archive(m)
+    p = planning.make_plan(m, states)
     if as_json:
-        print(json.dumps(p.to_json(), indent=2))
+        doc = p.to_json()
+        doc["archive"] = {
+            cell: {
+                "epoch": planning.cell_epoch(m, st),
+                "suites": [s.to_json() for s in st.suites],
+            }
+            for cell, st in states.items()
+        }
+        print(json.dumps(doc, indent=2))
     else:
-        print("\n".join(planning.describe(p)))
+        print("\n".join([*planning.describe(p), *_describe_archive(states, m)]))
 
 
 @app.command()
@@ -101,7 +134,7 @@ def run(
     m = _load(matrix)
     if boot_test:
         m = m.model_copy(update={"image": m.image.model_copy(update={"boot_test": True})})
-    p = _select(m, planning.make_plan(m), only or [])
+    p = _select(m, planning.make_plan(m, _archive(m)), only or [])
     out_dir = (out or Path("out") / m.name).absolute()
     mode = events if events != "auto" else ("rich" if sys.stderr.isatty() else "plain")
     opts = Options(
@@ -222,6 +255,20 @@ def cache_prune(
         return removed
 
     print(f"removed {anyio.run(prune)} trees")
+
+
+@app.command()
+def diff(
+    old: Annotated[Path, typer.Argument(help="an earlier output folder", show_default=False)],
+    new: Annotated[Path, typer.Argument(help="a later output folder", show_default=False)],
+) -> None:
+    """Print which packages were added, removed and changed from OLD to NEW, per cell."""
+    from factory import changes
+
+    try:
+        print(changes.render_diff(old, new), end="")
+    except ValueError as exc:
+        raise fail_usage(str(exc)) from None
 
 
 @app.command()

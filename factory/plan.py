@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from factory import formats
+from factory.archive import CellArchive
 from factory.distros import debian
 from factory.spec import Cell, Matrix
 
@@ -26,8 +27,9 @@ KINDS: tuple[Kind, ...] = ("rootfs", "finalise", "assemble", "convert", "pack", 
 # Bump a kind's recipe when its stage changes what it produces: old cache entries stop matching.
 RECIPES: dict[str, int] = {**{kind: 1 for kind in KINDS}, "finalise": 2}
 
-# Parameters that say where an input lives, not what it is: left out of keys.
-LOCATION_FIELDS = frozenset({"path"})
+# Parameters that say where an input lives, not what it is: left out of keys. A tree's
+# sources name mirrors; the archive state's digests say what they held.
+LOCATION_FIELDS = frozenset({"path", "sources", "uri"})
 
 _UUID_NAMESPACE = uuid.UUID("6f1d3c1e-9a56-4d3e-9c1a-7f6b0e2d5a10")
 
@@ -148,13 +150,22 @@ class _Builder:
         return jid
 
 
-# Until the archive state is read, a cell without [image] epoch has this clock.
+# The clock of a cell planned without its archive state and without [image] epoch.
 DEFAULT_EPOCH = 1_700_000_000
 
 
-def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
+def cell_epoch(matrix: Matrix, state: CellArchive | None) -> int:
+    """SOURCE_DATE_EPOCH of a cell: [image] epoch, else the newest Date: of its suites."""
+    if matrix.image.epoch is not None:
+        return matrix.image.epoch
+    return state.epoch if state is not None else DEFAULT_EPOCH
+
+
+def _cell_jobs(
+    b: _Builder, cell: Cell, hooks: list[dict[str, str]], state: CellArchive | None
+) -> None:
     m = b.matrix
-    epoch = m.image.epoch if m.image.epoch is not None else DEFAULT_EPOCH
+    epoch = cell_epoch(m, state)
     layouts = m.layouts_for(cell.arch)
     wanted = [formats.get(f) for f in m.formats]
     disk_formats = [f for f in wanted if f.source == "disk"]
@@ -175,6 +186,11 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
             "updates": m.mirrors.updates,
             "security": m.mirrors.security,
             "epoch": epoch,
+            **(
+                {"sources": state.sources, "archive": [s.to_json() for s in state.suites]}
+                if state is not None
+                else {}
+            ),
         },
     )
     rootfs_key = b.keys[rootfs]
@@ -244,6 +260,7 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
                     "compression": m.image.qcow2_compression if fmt.name == "qcow2" else None,
                     "vhd_subformat": m.image.vhd_subformat if fmt.name == "vhd" else None,
                     "epoch": epoch,
+                    "artifact": artifact_name(cell, fmt.name, named),
                 },
                 f"{fmt.name}-{named}" if named else fmt.name,
             )
@@ -278,12 +295,13 @@ def _cell_jobs(b: _Builder, cell: Cell, hooks: list[dict[str, str]]) -> None:
         publish(pack, fmt)
 
 
-def make_plan(matrix: Matrix) -> Plan:
-    """The whole DAG for a matrix: one rootfs per cell, shared by all of its outputs."""
+def make_plan(matrix: Matrix, archive: Mapping[str, CellArchive] | None = None) -> Plan:
+    """The whole DAG for a matrix: one rootfs per cell, shared by all of its outputs.
+    `archive` is each cell's archive state (factory.archive), read before planning."""
     hooks = [{"name": p.name, "digest": hook_digest(p), "path": str(p)} for p in matrix.image.hooks]
     b = _Builder(matrix)
     for cell in matrix.cells():
-        _cell_jobs(b, cell, hooks)
+        _cell_jobs(b, cell, hooks, (archive or {}).get(cell.id))
     return Plan(matrix=matrix.name, jobs=tuple(b.jobs))
 
 

@@ -21,15 +21,32 @@ def artifacts(runs: Iterable[JobRun]) -> list[dict[str, Any]]:
 
 
 def write(
-    out: Path, matrix: str, started: float, finished: float, status: str, runs: Iterable[JobRun]
+    out: Path,
+    matrix: str,
+    started: float,
+    finished: float,
+    status: str,
+    runs: Iterable[JobRun],
+    *,
+    carried_jobs: Iterable[dict[str, Any]] = (),
+    carried_artifacts: Iterable[dict[str, Any]] = (),
+    cells: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """report.json and SHA256SUMS. Jobs an earlier run into OUT already did with the same
+    key (`carried_*`, from its report) are listed as `unchanged`, with their artifacts."""
     runs = list(runs)
+    unchanged = [
+        {**j, "status": "unchanged", "since": j.get("since") or j.get("finished")}
+        for j in carried_jobs
+    ]
     report: dict[str, Any] = {
         "matrix": matrix,
         "status": status,
         "started": started,
         "finished": finished,
-        "jobs": [
+        "cells": cells or {},
+        "jobs": unchanged
+        + [
             {
                 "id": r.job.id,
                 "kind": r.job.kind,
@@ -46,7 +63,7 @@ def write(
             }
             for r in runs
         ],
-        "artifacts": artifacts(runs),
+        "artifacts": sorted([*artifacts(runs), *carried_artifacts], key=lambda a: a["path"]),
     }
     atomic_write(out / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
     atomic_write(out / "SHA256SUMS", _sums(out, report["artifacts"]))

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -17,12 +19,13 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
-from factory import report, state
+from factory import nightly, outstate, report, state
 from factory.cache import Cache, remove_tree
 from factory.events import Bus, Event, JsonSink, PlainSink
 from factory.executors.local import LocalExecutor
 from factory.plan import Plan
 from factory.proc import CommandError
+from factory.results import StageError
 from factory.routing import router
 from factory.scheduler import JobRun, Scheduler
 from factory.spec import Matrix
@@ -46,10 +49,32 @@ class Options:
     events: str = "plain"  # rich | plain | json
 
 
+def lock_dir() -> Path:
+    """Where runs lock their out folders: not in OUT, which holds only what is published
+    (a nightly that syncs OUT to a download server must not ship a lock)."""
+    for base in (os.environ.get("FACTORY_LOCK_DIR"), "/run/lock/factory"):
+        if base:
+            try:
+                Path(base).mkdir(parents=True, exist_ok=True)
+                return Path(base)
+            except OSError:
+                continue
+    folder = Path(tempfile.gettempdir()) / "factory-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def out_lock_path(out: Path) -> Path:
+    return lock_dir() / f"out-{hashlib.sha256(os.fsencode(out.resolve())).hexdigest()[:24]}.lock"
+
+
 @contextlib.contextmanager
 def out_lock(out: Path) -> Iterator[None]:
     """One run at a time writes an out folder; a second one stops at once and says so."""
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(out_lock_path(out), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunRefused(f"{out}: --out: cannot lock it ({exc.strerror})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -135,17 +160,87 @@ async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Sto
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise RunRefused(f"{opts.cache}: --cache: cannot use ({why})") from None
         try:
-            await remove_tree(opts.out / ".work")  # a killed run's intermediates
+            if matrix.sign is not None:
+                await _check_sign_key(matrix.sign.gpg_key, matrix)
+            previous = outstate.load_report(opts.out)
+            verified = outstate.Verified(cache.root, opts.out)
+            carried = (
+                outstate.Carried()
+                if opts.refresh
+                else await outstate.carried_over(plan, previous, opts.out, verified)
+            )
+            todo = outstate.still_needed(plan, carried)
             bus, display = _sink(opts.events)
+            if todo is None:
+                verified.save()
+                return _unchanged(matrix, opts, previous or {}, carried, bus)
+            (opts.out / ".lock").unlink(missing_ok=True)  # where factory 0.1 locked OUT
+            await remove_tree(opts.out / ".work")  # a killed run's intermediates
             with display:
-                return await _schedule(matrix, plan, opts, cache, bus, stop)
+                return await _schedule(
+                    matrix, plan, todo, opts, cache, bus, stop, previous, carried, verified
+                )
         finally:
             cache.release()  # the trees this run read may be replaced now
 
 
-async def _schedule(
-    matrix: Matrix, plan: Plan, opts: Options, cache: Cache, bus: Bus, stop: _Stop
+async def _check_sign_key(key: str, matrix: Matrix) -> None:
+    from factory import sign
+    from factory.results import StageError
+
+    try:
+        await sign.check_key(key)
+    except StageError as exc:
+        raise RunRefused(f"{matrix.path}: sign.gpg_key: {exc}") from None
+
+
+def _when(stamp: object) -> str:
+    if not isinstance(stamp, int | float):
+        return "the last run"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+
+
+def _unchanged(
+    matrix: Matrix, opts: Options, previous: dict[str, object], carried: outstate.Carried, bus: Bus
 ) -> int:
+    """A night with nothing new: every artifact and boot test in OUT has this plan's key
+    and its sha256. Nothing in OUT is written."""
+    message = (
+        f"unchanged since {_when(previous.get('finished'))}: {len(carried.artifacts)} "
+        f"artifacts in {opts.out} have this plan's keys and their sha256; nothing to do"
+    )
+    bus.emit(Event("run-start", data={"matrix": matrix.name, "jobs": 0, "out": str(opts.out)}))
+    print(f"factory: {matrix.name}: {message}", file=sys.stderr)
+    bus.emit(
+        Event(
+            "run-end",
+            message=message,
+            data={
+                "status": "unchanged",
+                "out": str(opts.out),
+                "seconds": 0.0,
+                "artifacts": len(carried.artifacts),
+                "failed": [],
+            },
+        )
+    )
+    return EXIT_OK
+
+
+async def _schedule(
+    matrix: Matrix,
+    whole: Plan,
+    plan: Plan,
+    opts: Options,
+    cache: Cache,
+    bus: Bus,
+    stop: _Stop,
+    previous: dict[str, object] | None,
+    carried: outstate.Carried,
+    verified: outstate.Verified,
+) -> int:
+    """Run `plan` (what OUT lacks of `whole`), then write the night's record."""
+    before = nightly.manifests_before(plan, opts.out)
     local = LocalExecutor(
         Workspace(opts.out, cache, opts.refresh, cpus=opts.jobs, loop=opts.loop), opts.jobs
     )
@@ -167,12 +262,13 @@ async def _schedule(
         with anyio.CancelScope(shield=True):
             await remove_tree(opts.out / ".work")  # first: it frees space on a full disk
             try:
-                report.write(opts.out, matrix.name, started, time.time(), status, runs)
-            except OSError as exc:
-                print(
-                    f"factory: {opts.out}: could not write the report ({exc.strerror})",
-                    file=sys.stderr,
-                )
+                await _record(matrix, whole, opts, started, status, runs, before, previous, carried)
+                for art in report.artifacts(runs):
+                    verified.remember(opts.out / art["path"], art["sha256"])
+                verified.save()
+            except (OSError, StageError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                print(f"factory: {opts.out}: could not write the report ({why})", file=sys.stderr)
                 status = "failed" if status == "built" else status
         stop.code = {"built": EXIT_OK, "failed": EXIT_FAILED}.get(status, EXIT_INTERRUPTED)
         bus.emit(
@@ -188,3 +284,38 @@ async def _schedule(
             )
         )
     return stop.code
+
+
+async def _record(
+    matrix: Matrix,
+    whole: Plan,
+    opts: Options,
+    started: float,
+    status: str,
+    runs: list[JobRun],
+    before: dict[str, list[dict[str, str]] | None],
+    previous: dict[str, object] | None,
+    carried: outstate.Carried,
+) -> None:
+    """report.json, SHA256SUMS, the SBOMs, CHANGES.md and the signature, in that order
+    (the signature last: it covers the SHA256SUMS just written)."""
+    cells, per_cell = await nightly.record(whole, {r.job.id: r for r in runs}, before, previous, opts.out)
+    report.write(
+        opts.out,
+        matrix.name,
+        started,
+        time.time(),
+        status,
+        runs,
+        carried_jobs=carried.jobs.values(),
+        carried_artifacts=carried.artifacts,
+        cells=cells,
+    )
+    since = (previous or {}).get("finished")
+    nightly.write_changes(
+        opts.out, matrix.name, per_cell, since if isinstance(since, int | float) else None
+    )
+    if matrix.sign is not None:
+        from factory import sign
+
+        await sign.sign_sums(opts.out / "SHA256SUMS", matrix.sign.gpg_key)

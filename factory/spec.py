@@ -410,12 +410,103 @@ class Image(_Model):
     epoch: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
+_SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,99}")
+_APT_COMPONENT = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
+_GPG_KEY = re.compile(r"(?:0x)?[0-9A-Fa-f]{8,40}|[A-Za-z0-9._+][A-Za-z0-9@._+-]{0,127}")
+
+
+def _suite(value: str) -> str:
+    if not _SUITE.fullmatch(value) or ".." in value.split("/"):
+        raise ValueError(
+            f"{value!r} is not a suite (a name under the repository's dists/, e.g. "
+            '"bookworm" or "stable": letters, digits and . _ / + -)'
+        )
+    return value
+
+
+def _apt_component(value: str) -> str:
+    if not _APT_COMPONENT.fullmatch(value):
+        raise ValueError(f'{value!r} is not a component (e.g. "main": lowercase, digits, . _ + -)')
+    return value
+
+
+def _key_file(value: object, info: ValidationInfo) -> object:
+    """A keyring file apt checks a repository's signature with: it must exist now."""
+    if not isinstance(value, str | Path):
+        return value
+    path = _local_path(str(value), info)
+    if set(str(path)) & _SHELLY:
+        raise ValueError(
+            f"key file {str(path)!r} has spaces or shell characters (give a plain path)"
+        )
+    if not path.is_file():
+        raise ValueError(
+            f"key file {path} does not exist (give the repository's public keyring, e.g. made "
+            "with gpg --export KEY > repo.gpg)"
+        )
+    return path.resolve()
+
+
+def _gpg_key(value: str) -> str:
+    if not _GPG_KEY.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a gpg key (give its fingerprint from gpg --list-secret-keys, "
+            'e.g. "0123456789ABCDEF0123456789ABCDEF01234567")'
+        )
+    return value
+
+
+class Extra(_Model):
+    """A repository of one's own packages beside the Debian archive: its state counts in
+    the tree's key like the archive's."""
+
+    uri: Annotated[str, AfterValidator(_mirror)]
+    suite: Annotated[str, AfterValidator(_suite)]
+    components: Annotated[
+        tuple[Annotated[str, AfterValidator(_apt_component)], ...],
+        AfterValidator(_listing("component", '["main"]')),
+    ] = ("main",)
+    signed_by: Annotated[Path, BeforeValidator(_key_file)] | None = None
+    trusted: StrictBool = False
+
+    @model_validator(mode="after")
+    def _trust(self) -> Extra:
+        if self.uri == "host":
+            raise _Problem('"host" is only for mirrors.debian (give the repository\'s URL)', "uri")
+        if self.trusted and self.signed_by is not None:
+            raise _Problem(
+                "a signed repository cannot also be trusted (remove trusted = true, or "
+                "signed_by for an unsigned local one)",
+                "trusted",
+            )
+        if self.trusted and not self.uri.startswith("file://"):
+            raise _Problem(
+                "trusted = true is only for a file:// repository (give signed_by = a keyring "
+                "file for a remote one)",
+                "trusted",
+            )
+        if not self.trusted and self.signed_by is None:
+            raise _Problem(
+                "the repository has no key (give signed_by = its keyring file, or trusted = "
+                "true for a local file:// repository)",
+                "signed_by",
+            )
+        return self
+
+
 class Mirrors(_Model):
     """Where apt gets packages: "host" copies the building machine's apt sources."""
 
     debian: Annotated[str, AfterValidator(_mirror)] = "host"
     updates: StrictBool = True
     security: StrictBool = True
+    extra: tuple[Extra, ...] = ()
+
+
+class Sign(_Model):
+    """Sign SHA256SUMS with a key of the building user's gpg keyring."""
+
+    gpg_key: Annotated[str, AfterValidator(_gpg_key)]
 
 
 class Host(_Model):
@@ -455,6 +546,7 @@ class Matrix(_Model):
     exclude: tuple[Exclude, ...] = ()
     image: Image = Image()
     mirrors: Mirrors = Mirrors()
+    sign: Sign | None = None
     hosts: tuple[Host, ...] = ()
     fallback: Literal["none", "local"] = "none"
 

@@ -33,6 +33,14 @@ BOOTLOADER = {
 }
 
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+# Release codename → VERSION_ID (os-release), as purls and SBOMs name a distro.
+VERSIONS = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13", "forky": "14"}
+
+
+def version_of(release: str) -> str:
+    """`12` for bookworm; a release without a number (sid) keeps its name."""
+    return VERSIONS.get(release, release)
 HOST_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 
 
@@ -52,6 +60,7 @@ class Stanza:
     suites: tuple[str, ...]
     components: tuple[str, ...]
     signed_by: str | None = None
+    trusted: bool = False  # a local file:// repository without a signature
 
     def render(self) -> str:
         lines = [
@@ -62,6 +71,8 @@ class Stanza:
         ]
         if self.signed_by:
             lines.append(f"Signed-By: {self.signed_by}")
+        if self.trusted:
+            lines.append("Trusted: yes")
         return "\n".join(lines) + "\n"
 
 

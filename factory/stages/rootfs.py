@@ -8,7 +8,9 @@ qemu-user, so binfmt_misc is checked (and set up) before mmdebstrap starts.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -85,6 +87,10 @@ def host_sources() -> tuple[str, bool]:
 
 
 def sources(params: dict[str, object]) -> str:
+    """The tree's apt sources: as planned (with the archive state read from them), or
+    made here from the mirror settings for a plan made without it."""
+    if isinstance(params.get("sources"), str):
+        return str(params["sources"])
     release, mirror = str(params["release"]), str(params["mirror"])
     updates, security = bool(params["updates"]), bool(params["security"])
     if mirror == "host":
@@ -98,8 +104,35 @@ def sources(params: dict[str, object]) -> str:
     return debian.sources_for_url(release, mirror, updates, security)
 
 
-def mmdebstrap_args(params: dict[str, object], target: Path, sources_file: Path) -> list[str]:
+def keep_release_files(dest: Path) -> str:
+    """A customize hook that copies the Release files apt used out of the tree, before
+    mmdebstrap's clean-up deletes them: they say which archive state the tree is of."""
+    folder = shlex.quote(str(dest))
+    return (
+        f"mkdir -p {folder} && for f in \"$1\"/var/lib/apt/lists/*Release; do "
+        f'[ -e "$f" ] && cp "$f" {folder}/; done; true'
+    )
+
+
+def check_archive(planned: list[dict[str, object]], used: Path) -> None:
+    """The tree must come from the archive state its key names: if a suite moved between
+    the plan's reading and apt's, the tree would be cached under a key it does not match."""
+    seen = {
+        hashlib.sha256(f.read_bytes()).hexdigest() for f in used.glob("*Release") if f.is_file()
+    }
+    for suite in planned:
+        if suite.get("sha256") not in seen:
+            raise StageError(
+                f"the archive moved while the tree was built: suite {suite.get('suite')} at "
+                f"{suite.get('uri')} is no longer the one planned (run again)"
+            )
+
+
+def mmdebstrap_args(
+    params: dict[str, object], target: Path, sources_file: Path, lists: Path | None = None
+) -> list[str]:
     packages = ",".join(map(str, params["packages"]))  # type: ignore[call-overload]
+    keep = [f"--customize-hook={keep_release_files(lists)}"] if lists is not None else []
     return [
         "mmdebstrap",
         "--variant=minbase",
@@ -111,6 +144,7 @@ def mmdebstrap_args(params: dict[str, object], target: Path, sources_file: Path)
         "--dpkgopt=force-unsafe-io",
         f"--essential-hook={DIVERT}",
         f"--customize-hook={UNDIVERT}",
+        *keep,
         str(params["release"]),
         str(target),
         str(sources_file),
@@ -152,17 +186,19 @@ async def run(ctx: Context) -> Output:
             proc.note(f"tree {ctx.job.key} from the cache")
             return Output(entry.root, {"cached": True})
         sources_file = ctx.cell_work / "apt.sources"
+        lists = ctx.cell_work / "apt-lists"
         sources_file.write_text(sources(p))
         await ensure_runnable(str(p["arch"]))
         async with cache.building(ctx.job.key, meta) as root:
             ctx.emit("mmdebstrap")
             try:
                 await proc.run(
-                    mmdebstrap_args(p, root, sources_file),
-                    env=repro.source_date_env(int(p["epoch"])),  # type: ignore[call-overload]
+                    mmdebstrap_args(p, root, sources_file, lists),
+                    env=repro.source_date_env(int(str(p["epoch"]))),
                 )
             except CommandError as exc:
                 raise StageError(explain(exc, str(p["arch"]))) from exc
+            check_archive(list(p.get("archive") or []), lists)
             meta["bytes"] = sizing.measure(root).allocated
         built = await cache.use(ctx.job.key)
         return Output(built.root, {"cached": False, "bytes": meta["bytes"]})

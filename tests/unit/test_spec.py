@@ -650,6 +650,75 @@ BAD: dict[str, tuple[list[str], str, int, str]] = {
         "a date value",
     ),
     "missing-formats": (HEAD[:3], "formats", 1, "required key is missing (add formats = "),
+    "extra-no-key": (
+        [*HEAD, "[[mirrors.extra]]", 'uri = "https://repo.example/x"', 'suite = "s"'],
+        "mirrors.extra[0].signed_by",
+        5,
+        "has no key",
+    ),
+    "extra-key-missing": (
+        [
+            *HEAD,
+            "[[mirrors.extra]]",
+            'uri = "https://repo.example/x"',
+            'suite = "s"',
+            'signed_by = "nokey.gpg"',
+        ],
+        "mirrors.extra[0].signed_by",
+        8,
+        "does not exist",
+    ),
+    "extra-trusted-remote": (
+        [
+            *HEAD,
+            "[[mirrors.extra]]",
+            'uri = "https://repo.example/x"',
+            'suite = "s"',
+            "trusted = true",
+        ],
+        "mirrors.extra[0].trusted",
+        8,
+        "only for a file:// repository",
+    ),
+    "extra-both": (
+        [
+            *HEAD,
+            "[[mirrors.extra]]",
+            'uri = "file:///srv/repo"',
+            'suite = "s"',
+            'signed_by = "afile"',
+            "trusted = true",
+        ],
+        "mirrors.extra[0].trusted",
+        9,
+        "cannot also be trusted",
+    ),
+    "extra-suite": (
+        [
+            *HEAD,
+            "[[mirrors.extra]]",
+            'uri = "file:///srv/repo"',
+            'suite = "../etc"',
+            "trusted = true",
+        ],
+        "mirrors.extra[0].suite",
+        7,
+        "is not a suite",
+    ),
+    "extra-uri": (
+        [*HEAD, "[[mirrors.extra]]", 'uri = "ftp://x"', 'suite = "s"', "trusted = true"],
+        "mirrors.extra[0].uri",
+        6,
+        "is not a mirror",
+    ),
+    "extra-unknown": (
+        [*HEAD, "[[mirrors.extra]]", 'url = "file:///r"', 'suite = "s"', "trusted = true"],
+        "mirrors.extra[0].url",
+        6,
+        "did you mean 'uri'",
+    ),
+    "sign-key": ([*HEAD, "[sign]", 'gpg_key = "a b"'], "sign.gpg_key", 6, "is not a gpg key"),
+    "epoch-negative": ([*HEAD, "[image]", "epoch = -1"], "image.epoch", 6, "expected at least 0"),
 }
 
 
@@ -861,3 +930,39 @@ def test_several_layouts_give_each_arch_those_that_fit(tmp_path: Path) -> None:
     m = load_matrix(path)
     assert m.layouts_for("amd64") == (LAYOUTS["mbr"], LAYOUTS["gpt-efi"])
     assert m.layouts_for("ppc64el") == (LAYOUTS["ppc-prep"],)
+
+
+def test_extra_repositories_and_signing(tmp_path: Path) -> None:
+    (tmp_path / "repo.gpg").write_bytes(b"k")
+    path = write(
+        tmp_path,
+        "\n".join(
+            [
+                *HEAD,
+                "[image]",
+                "epoch = 1700000000",
+                "[sign]",
+                'gpg_key = "0xABCDEF0123456789"',
+                "[[mirrors.extra]]",
+                'uri = "https://repo.example/x"',
+                'suite = "stable"',
+                'components = ["main", "extra"]',
+                'signed_by = "repo.gpg"',
+                "[[mirrors.extra]]",
+                'uri = "file:///srv/repo"',
+                'suite = "local"',
+                "trusted = true",
+            ]
+        )
+        + "\n",
+    )
+    m = load_matrix(path)
+    assert m.image.epoch == 1700000000
+    assert m.sign is not None and m.sign.gpg_key == "0xABCDEF0123456789"
+    one, two = m.mirrors.extra
+    assert (one.components, one.signed_by, one.trusted) == (
+        ("main", "extra"),
+        (tmp_path / "repo.gpg").resolve(),
+        False,
+    )
+    assert (two.uri, two.signed_by, two.trusted) == ("file:///srv/repo", None, True)

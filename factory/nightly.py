@@ -1,0 +1,133 @@
+"""What a night says beyond its artifacts: each cell's clock and archive state, what
+changed since the run before into the same OUT, an SBOM per cell, CHANGES.md, and the
+signature of SHA256SUMS.
+
+Cells whose finalise job did not run this time keep what OUT holds for them: their
+manifest and SBOM are not rewritten, so their files stay untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from factory import changes, sbom
+from factory.distros import debian
+from factory.fsutil import atomic_write
+from factory.plan import Job, Plan
+from factory.scheduler import JobRun
+
+CHANGES_MD = "CHANGES.md"
+
+
+def _manifest_name(job: Job) -> str:
+    return str(job.params["manifest"])
+
+
+def sbom_name(cell: str) -> str:
+    return f"{cell}/{cell}.spdx.json"
+
+
+def read_rows(path: Path) -> list[dict[str, str]] | None:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rows if isinstance(rows, list) else None
+
+
+def manifests_before(plan: Plan, out: Path) -> dict[str, list[dict[str, str]] | None]:
+    """Each cell's manifest as OUT holds it before the run rewrites it."""
+    return {
+        job.cell: read_rows(out / _manifest_name(job))
+        for job in plan.jobs
+        if job.kind == "finalise"
+    }
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Same bytes: the file (its inode and mtime) is left as it is."""
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write(path, data)
+
+
+async def record(
+    plan: Plan,
+    runs: Mapping[str, JobRun],
+    before: Mapping[str, list[dict[str, str]] | None],
+    previous: Mapping[str, Any] | None,
+    out: Path,
+) -> tuple[dict[str, Any], dict[str, changes.Changes | None]]:
+    """Per cell: epoch, archive state, changes since the previous run, manifest and SBOM
+    names; and the changes for CHANGES.md. Writes the SBOM of each cell finalised now."""
+    old_cells = (previous or {}).get("cells") or {}
+    cells: dict[str, Any] = {}
+    per_cell: dict[str, changes.Changes | None] = {}
+    for job in plan.jobs:
+        if job.kind != "rootfs":
+            continue
+        cell = job.cell
+        info: dict[str, Any] = {
+            "arch": job.arch,
+            "release": job.params.get("release"),
+            "epoch": job.params.get("epoch"),
+            "archive": job.params.get("archive", []),
+        }
+        final = next((j for j in plan.jobs if j.kind == "finalise" and j.cell == cell), None)
+        run = runs.get(final.id) if final else None
+        if final is None:
+            cells[cell] = info
+            continue
+        info["manifest"] = _manifest_name(final)
+        if run is None or run.status != "done":
+            # Not finalised now: what OUT holds for the cell is the earlier run's.
+            old = old_cells.get(cell)
+            if isinstance(old, dict) and "sbom" in old:
+                info["sbom"] = old["sbom"]
+            if run is None:
+                info["changes"] = changes.Changes().to_json()
+                per_cell[cell] = changes.Changes()
+            cells[cell] = info
+            continue
+        rows = read_rows(out / info["manifest"]) or []
+        old_rows = before.get(cell)
+        diff = changes.diff(old_rows, rows) if old_rows is not None else None
+        per_cell[cell] = diff
+        info["changes"] = diff.to_json() if diff is not None else None
+        info["sbom"] = sbom_name(cell)
+        data = await anyio.to_thread.run_sync(
+            functools.partial(
+                sbom.json_bytes,
+                cell,
+                rows,
+                arch=job.arch,
+                distro_version=debian.version_of(str(job.params.get("release"))),
+                epoch=int(job.params.get("epoch") or 0),
+                key=final.key,
+            )
+        )
+        _write_if_changed(out / info["sbom"], data)
+        cells[cell] = info
+    return cells, per_cell
+
+
+def write_changes(
+    out: Path, matrix: str, per_cell: Mapping[str, changes.Changes | None], since: float | None
+) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else None
+    text = changes.markdown(f"{matrix}: changes since the previous run", dict(per_cell), stamp)
+    _write_if_changed(out / CHANGES_MD, text.encode())
+
+
+def published(out: Path, artifacts: Iterable[dict[str, Any]]) -> list[Path]:
+    return [out / a["path"] for a in artifacts]
