@@ -74,6 +74,8 @@ async def sign_sums(sums: Path, key: str, *, gnupghome: Path | None = None) -> P
 
     Written under a temporary name and renamed, so the folder never holds a partial
     signature; returns the signature's path."""
+    if not sums.is_file():
+        raise StageError(f"{sums}: no such file to sign")
     target = sums.with_name(sums.name + SUFFIX)
     aside = sums.with_name(f".tmp-{target.name}-{os.getpid()}")
     try:

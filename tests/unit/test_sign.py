@@ -151,3 +151,12 @@ async def test_option_like_key_is_refused() -> None:
         await check_key("--homedir=/")
     with pytest.raises(StageError, match=r"fix \[sign\] gpg_key"):
         await check_key("  ")
+
+
+async def test_missing_sums_is_not_blamed_on_the_key(
+    keyring: tuple[Path, str], tmp_path: Path
+) -> None:
+    home, fpr = keyring
+    with pytest.raises(StageError, match="no such file to sign") as raised:
+        await sign_sums(tmp_path / "SHA256SUMS", fpr, gnupghome=home)
+    assert "gpg_key" not in str(raised.value)
