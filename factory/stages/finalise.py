@@ -121,14 +121,33 @@ def fstab(uuid: str, filesystem: str) -> str:
     return f"UUID={uuid} / {filesystem} errors=remount-ro 0 1\n"
 
 
+MANIFEST_FIELDS = {
+    "package": "${Package}",
+    "version": "${Version}",
+    "arch": "${Architecture}",
+    "status": "${db:Status-Status}",
+    "source": "${source:Package}",
+    "source_version": "${source:Version}",
+    "maintainer": "${Maintainer}",
+}
+
+
+def manifest_rows(text: str) -> list[dict[str, str]]:
+    """dpkg-query's tab-separated lines as rows, sorted by package then arch (dpkg's own
+    order is its database's, which an SBOM diff must not depend on)."""
+    keys = list(MANIFEST_FIELDS)
+    rows = [dict(zip(keys, line.split("\t"), strict=True)) for line in text.splitlines() if line]
+    return sorted(rows, key=lambda r: (r["package"], r["arch"]))
+
+
 async def dpkg_manifest(tree: Path) -> list[dict[str, str]]:
-    """Every package dpkg knows in the tree, read from its database without a chroot."""
-    fmt = "${Package}\\t${Version}\\t${Architecture}\\t${db:Status-Status}\\n"
+    """Every package dpkg knows in the tree, with its source package and maintainer (what
+    an SBOM needs), read from its database without a chroot."""
+    fmt = "\\t".join(MANIFEST_FIELDS.values()) + "\\n"
     out = await proc.run(
         ["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", fmt], capture=True
     )
-    rows = [line.split("\t") for line in out.text.splitlines() if line]
-    return [{"package": r[0], "version": r[1], "arch": r[2], "status": r[3]} for r in rows]
+    return manifest_rows(out.text)
 
 
 def hook_scripts(hooks: list[dict[str, Any]], phase: str) -> list[Path]:
