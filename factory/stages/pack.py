@@ -48,8 +48,9 @@ def tar_tree(tree: Path, dest: Path, epoch: int, *extra: str) -> list[str]:
 def gzip_program(threads: int, level: int | None = formats.get("tgz").level) -> str:
     """tar's compressor for tgz: pigz (gzip's format, faster per CPU second than gzip
     itself, and on every core the job may use) at a cheap level. -n: no name and no time
-    in the gzip header; pigz's output does not depend on -p."""
-    return f"pigz -n -{level} -p {threads}"
+    in the gzip header. pigz's output is the same for any -p from 2 up, but -p 1 makes
+    one plain deflate stream (other bytes): a one-thread budget still gets 2."""
+    return f"pigz -n -{level} -p {max(threads, 2)}"
 
 
 def mksquashfs_env(epoch: int) -> dict[str, str]:

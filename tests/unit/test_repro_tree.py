@@ -52,10 +52,14 @@ def make_tree(root: Path, *, reverse: bool, newer: int, xattrs_reversed: bool = 
     root.mkdir(parents=True)
     files = {f"etc/f{i:02d}": f"file {i}\n" for i in range(12)}
     files |= {"usr/bin/tool": "#!/bin/sh\n", "var/log/empty": "", "zz/deep/a/b": "b\n"}
+    (root / "usr/lib").mkdir(parents=True)
     items = sorted(files.items(), reverse=reverse)
     for rel, text in items:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
+    with open(root / "usr/lib/big", "wb") as big:  # several blocks for pigz and mksquashfs
+        for i in range(40_000):
+            big.write(f"line {i} {i * 7919 % 104729}\n".encode())
     os.chmod(root / "usr/bin/tool", 0o755)
     os.link(root / "etc/f03", root / "usr/hardlink")
     (root / "bin").symlink_to("usr/bin")
@@ -147,6 +151,7 @@ def test_docker_config_is_created_at_the_epoch(trees: tuple[Path, Path], tmp_pat
 
 def test_gzip_and_squashfs_are_pinned() -> None:
     assert pack.gzip_program(2).split()[:2] == ["pigz", "-n"]
+    assert pack.gzip_program(1).endswith("-p 2")  # -p 1 gives other bytes
     assert pack.mksquashfs_env(EPOCH) == {"SOURCE_DATE_EPOCH": str(EPOCH)}
     args = pack.tar_tree(Path("/t"), Path("/o.tar"), EPOCH)
     assert {"--sort=name", f"--mtime=@{EPOCH}", "--clamp-mtime", "--numeric-owner"} <= set(args)
