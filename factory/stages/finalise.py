@@ -6,6 +6,7 @@ it now. The result is its own cache entry (the rootfs entry stays as mmdebstrap 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from factory import proc, sizing
+import anyio
+
+from factory import proc, repro, sizing
 from factory.fsutil import atomic_write
 from factory.results import Output, StageError
 from factory.stages import Context, chroot, rootfs
@@ -121,14 +124,33 @@ def fstab(uuid: str, filesystem: str) -> str:
     return f"UUID={uuid} / {filesystem} errors=remount-ro 0 1\n"
 
 
+MANIFEST_FIELDS = {
+    "package": "${Package}",
+    "version": "${Version}",
+    "arch": "${Architecture}",
+    "status": "${db:Status-Status}",
+    "source": "${source:Package}",
+    "source_version": "${source:Version}",
+    "maintainer": "${Maintainer}",
+}
+
+
+def manifest_rows(text: str) -> list[dict[str, str]]:
+    """dpkg-query's tab-separated lines as rows, sorted by package then arch (dpkg's own
+    order is its database's, which an SBOM diff must not depend on)."""
+    keys = list(MANIFEST_FIELDS)
+    rows = [dict(zip(keys, line.split("\t"), strict=True)) for line in text.splitlines() if line]
+    return sorted(rows, key=lambda r: (r["package"], r["arch"]))
+
+
 async def dpkg_manifest(tree: Path) -> list[dict[str, str]]:
-    """Every package dpkg knows in the tree, read from its database without a chroot."""
-    fmt = "${Package}\\t${Version}\\t${Architecture}\\t${db:Status-Status}\\n"
+    """Every package dpkg knows in the tree, with its source package and maintainer (what
+    an SBOM needs), read from its database without a chroot."""
+    fmt = "\\t".join(MANIFEST_FIELDS.values()) + "\\n"
     out = await proc.run(
         ["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", fmt], capture=True
     )
-    rows = [line.split("\t") for line in out.text.splitlines() if line]
-    return [{"package": r[0], "version": r[1], "arch": r[2], "status": r[3]} for r in rows]
+    return manifest_rows(out.text)
 
 
 def hook_scripts(hooks: list[dict[str, Any]], phase: str) -> list[Path]:
@@ -180,13 +202,16 @@ def _write_initramfs_config(tree: Path, arch: str, filesystem: str) -> None:
 
 
 async def _in_chroot(ctx: Context, tree: Path, hooks: list[dict[str, Any]]) -> None:
+    """Everything runs with the cell's SOURCE_DATE_EPOCH: initramfs-tools then sorts the
+    initrd's cpio and clamps its mtimes, so the same packages give the same initrd."""
+    clock = repro.source_date_env(int(ctx.job.params["epoch"]))
     async with chroot.bound(tree):
         ctx.emit("initramfs")
         _write_initramfs_config(tree, ctx.job.params["arch"], ctx.job.params["filesystem"])
-        await chroot.run_in(tree, ["update-initramfs", "-c", "-k", "all"])
+        await chroot.run_in(tree, ["update-initramfs", "-c", "-k", "all"], clock)
         (tree / "etc/systemd/network").mkdir(parents=True, exist_ok=True)
         (tree / "etc/systemd/network/20-wired.network").write_text(NETWORK)
-        await chroot.run_in(tree, ["systemctl", "enable", "systemd-networkd.service"])
+        await chroot.run_in(tree, ["systemctl", "enable", "systemd-networkd.service"], clock)
         scripts = hook_scripts(hooks, "finalise.d")
         if scripts:
             inside = tree / "tmp/factory-hooks"
@@ -197,11 +222,11 @@ async def _in_chroot(ctx: Context, tree: Path, hooks: list[dict[str, Any]]) -> N
             try:
                 for script in scripts:
                     rel = f"/tmp/factory-hooks/{script.parent.parent.name}/{script.name}"
-                    await _run_hook(ctx, script, [rel], hook_env(ctx, "/"), tree)
+                    await _run_hook(ctx, script, [rel], {**hook_env(ctx, "/"), **clock}, tree)
             finally:
                 shutil.rmtree(inside, ignore_errors=True)
         ctx.emit("apt-get clean")
-        await chroot.run_in(tree, ["apt-get", "clean"])
+        await chroot.run_in(tree, ["apt-get", "clean"], clock)
 
 
 def _identity(tree: Path) -> None:
@@ -226,6 +251,79 @@ def _identity(tree: Path) -> None:
             shutil.rmtree(node)
         else:
             node.unlink()
+
+
+# What a build leaves that differs from one build to the next and that the image does not
+# need: caches rebuilt on demand, logs of the build itself, a seed each VM must make its own.
+LEFTOVERS = (
+    "var/cache/ldconfig/aux-cache",  # inode numbers and ctimes of the build's libraries
+    "var/cache/apt/*.bin",
+    "var/cache/man/*",  # man-db's index: rebuilt by its cron job or timer
+    "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old",
+    "var/lib/systemd/random-seed",
+    "var/log/**/*.gz",
+    "var/log/**/*.xz",
+    "var/log/**/*.[0-9]",
+    "var/log/bootstrap.log",
+    "tmp/*",
+    "var/tmp/*",
+    "run/blkid",  # blkid's cache of the build host's devices
+)
+
+
+def _remove_leftovers(tree: Path) -> None:
+    """Drop LEFTOVERS and empty the remaining logs (as diskimage-builder does: the files
+    stay, with their owners and modes, for the services that append to them)."""
+    for pattern in LEFTOVERS:
+        for path in sorted(tree.glob(pattern), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    for path in (tree / "var/log").rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size:
+            os.truncate(path, 0)
+
+
+def sort_xattrs(path: str) -> bool:
+    """Rewrite a file's xattrs in name order when they are not: tar stores them in the
+    order the filesystem lists them, which is the order they were set in. False when the
+    filesystem would not let them be rewritten (they are then left as they were)."""
+    names = os.listxattr(path, follow_symlinks=False)
+    if names == sorted(names):
+        return True
+    values = {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
+    try:
+        for name in names:
+            os.removexattr(path, name, follow_symlinks=False)
+        for name in sorted(names):
+            os.setxattr(path, name, values[name], follow_symlinks=False)
+    except OSError:
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.setxattr(path, name, values[name], follow_symlinks=False)
+        return False
+    return True
+
+
+def normalise_tree(tree: Path, epoch: int) -> int:
+    """Set every mtime newer than `epoch` to `epoch` (its atime too, though reading the
+    tree moves atimes again: no format keeps them), symlinks themselves included, so the
+    tree holds no trace of when it was built, and put every file's xattrs in name order.
+    Returns how many entries changed time. Blocking: run it in a thread."""
+    limit = epoch * 1_000_000_000
+    changed = 0
+    for top, dirs, files in os.walk(tree):
+        for name in [None, *dirs, *files] if top == os.fspath(tree) else [*dirs, *files]:
+            path = top if name is None else os.path.join(top, name)
+            sort_xattrs(path)
+            st = os.lstat(path)
+            if st.st_mtime_ns > limit:
+                mtime = min(st.st_mtime_ns, limit)
+                os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+                changed += 1
+    return changed
 
 
 def _bootloader(tree: Path, p: dict[str, Any]) -> None:
@@ -273,8 +371,13 @@ async def run(ctx: Context) -> Output:
                 (tree / MANIFEST_DIR / f"{p['image_name']}.json").write_text(
                     json.dumps(manifest, indent=1) + "\n"
                 )
+                clock = repro.source_date_env(int(p["epoch"]))
                 for script in hook_scripts(p["hooks"], "cleanup.d"):
-                    await _run_hook(ctx, script, [str(script)], hook_env(ctx, str(tree)), None)
+                    env = {**hook_env(ctx, str(tree)), **clock}
+                    await _run_hook(ctx, script, [str(script)], env, None)
+                _remove_leftovers(tree)
+                ctx.emit("clamping mtimes")
+                await anyio.to_thread.run_sync(normalise_tree, tree, int(p["epoch"]))
                 meta["bytes"] = sizing.measure(tree).allocated
             tree = (await cache.use(ctx.job.key)).root
     atomic_write(manifest_out, (tree / MANIFEST_DIR / f"{p['image_name']}.json").read_bytes())

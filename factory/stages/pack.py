@@ -1,7 +1,9 @@
 """pack: formats made straight from the finalised tree, no disk needed.
 
 They run beside assemble. Owners are numeric (the build host's names mean nothing in the
-image) and xattrs and ACLs are kept wherever the format can hold them.
+image) and xattrs and ACLs are kept wherever the format can hold them. Every format is
+reproducible: the same tree and the cell's epoch give the same bytes, whatever order the
+tree was written in, whenever and wherever it is packed, and on how many threads.
 """
 
 from __future__ import annotations
@@ -26,14 +28,36 @@ OCI_ARCH = {"amd64": "amd64", "ppc64el": "ppc64le", "arm64": "arm64"}
 APPC_ARCH = {"amd64": "amd64", "ppc64el": "ppc64le", "arm64": "aarch64"}
 
 
-def tar_tree(tree: Path, dest: Path, *extra: str) -> list[str]:
-    return [*TAR, *extra, "-C", os.fspath(tree), "-cf", os.fspath(dest), "."]
+def tar_repro(epoch: int) -> list[str]:
+    """What makes GNU tar's output depend on the tree alone: names in byte order (not the
+    directory's), no mtime after the epoch, and pax headers without atime and ctime and
+    with a fixed name (the default one holds tar's PID)."""
+    return [
+        "--format=posix",
+        "--sort=name",
+        f"--mtime=@{epoch}",
+        "--clamp-mtime",
+        "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
+    ]
+
+
+def tar_tree(tree: Path, dest: Path, epoch: int, *extra: str) -> list[str]:
+    return [*TAR, *tar_repro(epoch), *extra, "-C", os.fspath(tree), "-cf", os.fspath(dest), "."]
 
 
 def gzip_program(threads: int, level: int | None = formats.get("tgz").level) -> str:
     """tar's compressor for tgz: pigz (gzip's format, faster per CPU second than gzip
-    itself, and on every core the job may use) at a cheap level."""
-    return f"pigz -{level} -p {threads}"
+    itself, and on every core the job may use) at a cheap level. -n: no name and no time
+    in the gzip header. pigz's output is the same for any -p from 2 up, but -p 1 makes
+    one plain deflate stream (other bytes): a one-thread budget still gets 2."""
+    return f"pigz -n -{level} -p {max(threads, 2)}"
+
+
+def mksquashfs_env(epoch: int) -> dict[str, str]:
+    """mksquashfs 4.5 takes SOURCE_DATE_EPOCH as its mkfs time and clamps every file time
+    to it (its -mkfs-time and -all-time cannot be combined with it, and -all-time would
+    flatten the older times too). Its output does not depend on -processors."""
+    return {"SOURCE_DATE_EPOCH": str(epoch)}
 
 
 def mksquashfs_args(tree: Path, dest: Path, threads: int) -> list[str]:
@@ -64,12 +88,25 @@ class _Made:
 Maker = Callable[[Context, Path, Path, _Made], Awaitable[None]]
 
 
+def _epoch(ctx: Context) -> int:
+    return int(ctx.job.params["epoch"])
+
+
+def _own_file(path: Path, mode: int) -> None:
+    """A file factory writes into an archive: the same mode whatever the umask, and
+    root's when we are root, like the tree's files."""
+    os.chmod(path, mode)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 0)
+
+
 async def _tar(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
-    await proc.run(tar_tree(tree, dest))
+    await proc.run(tar_tree(tree, dest, _epoch(ctx)))
 
 
 async def _tgz(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
-    await proc.run(tar_tree(tree, dest, f"--use-compress-program={gzip_program(cpu_budget(ctx))}"))
+    gzip = f"--use-compress-program={gzip_program(cpu_budget(ctx))}"
+    await proc.run(tar_tree(tree, dest, _epoch(ctx), gzip))
 
 
 async def has_acls(tree: Path) -> bool:
@@ -90,7 +127,7 @@ async def _squashfs(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
         proc.note(f"warning: {SQUASHFS_ACL_WARNING}")
         ctx.emit(f"warning: {SQUASHFS_ACL_WARNING}")
         made.warnings.append(SQUASHFS_ACL_WARNING)
-    await proc.run(mksquashfs_args(tree, dest, cpu_budget(ctx)))
+    await proc.run(mksquashfs_args(tree, dest, cpu_budget(ctx)), env=mksquashfs_env(_epoch(ctx)))
 
 
 def aci_manifest(name: str, arch: str) -> dict[str, object]:
@@ -112,10 +149,13 @@ async def _aci(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
     p = ctx.job.params
     staging = ctx.cell_work / "aci"
     staging.mkdir(exist_ok=True)
-    (staging / "manifest").write_text(json.dumps(aci_manifest(p["image_name"], p["arch"])))
+    manifest = staging / "manifest"
+    manifest.write_text(json.dumps(aci_manifest(p["image_name"], p["arch"])))
+    _own_file(manifest, 0o644)
     await proc.run(
         [
             *TAR,
+            *tar_repro(_epoch(ctx)),
             "-cf",
             dest,
             "-C",
@@ -127,6 +167,10 @@ async def _aci(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
             ".",
         ]
     )
+
+
+def rfc3339(epoch: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 def docker_config(arch: str, layer_digest: str, created: str) -> dict[str, object]:
@@ -156,28 +200,47 @@ def layer_members(tree: Path) -> list[str]:
 
 async def _docker(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
     """A `docker save` archive made without a daemon: manifest.json, the config named by
-    the sha256 of its bytes, and one uncompressed layer whose sha256 is its diff_id."""
+    the sha256 of its bytes, and one uncompressed layer whose sha256 is its diff_id. Both
+    tars are reproducible and the config is created at the epoch, so both digests are
+    stable."""
     p = ctx.job.params
+    epoch = _epoch(ctx)
     staging = ctx.cell_work / "docker"
     staging.mkdir(exist_ok=True)
     members = staging / "layer.members"
     members.write_bytes(b"".join(os.fsencode(name) + b"\0" for name in layer_members(tree)))
     layer = staging / "layer.tar"
     await proc.run(
-        [*TAR, "-C", tree, "-cf", layer, "--null", "--verbatim-files-from", "-T", members]
+        [
+            *TAR,
+            *tar_repro(epoch),
+            "-C",
+            tree,
+            "-cf",
+            layer,
+            "--null",
+            "--verbatim-files-from",
+            "-T",
+            members,
+        ]
     )
     layer_digest = await sha256_file(layer)
     (staging / layer_digest).mkdir(exist_ok=True)
     os.replace(layer, staging / layer_digest / "layer.tar")
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    config = json.dumps(docker_config(p["arch"], layer_digest, created), sort_keys=True).encode()
+    config = json.dumps(
+        docker_config(p["arch"], layer_digest, rfc3339(epoch)), sort_keys=True
+    ).encode()
     config_name = f"{hashlib.sha256(config).hexdigest()}.json"
     (staging / config_name).write_bytes(config)
     manifest = docker_manifest(config_name, p["docker_tag"], layer_digest)
     (staging / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("manifest.json", config_name, f"{layer_digest}/layer.tar"):
+        _own_file(staging / name, 0o644)
     await proc.run(
         [
             "tar",
+            *tar_repro(epoch),
+            "--numeric-owner",
             "-C",
             staging,
             "-cf",

@@ -94,7 +94,8 @@ def test_vhd_util_steps_as_diskimage_builder() -> None:
 def test_compression_levels_are_the_cheap_ones() -> None:
     assert formats.get("tgz").level == 3
     assert formats.get("squashfs").level == 3
-    assert gzip_program(2) == "pigz -3 -p 2"
+    assert gzip_program(2) == "pigz -n -3 -p 2"
+    assert gzip_program(1) == "pigz -n -3 -p 2"
     args = mksquashfs_args(Path("/t"), Path("/o.sqfs"), 1)
     assert args[args.index("-comp") + 1] == "zstd"
     assert args[args.index("-Xcompression-level") + 1] == "3"
