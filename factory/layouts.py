@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from factory import repro
+
 MiB = 1024 * 1024
 SECTOR = 512
 
@@ -46,20 +48,39 @@ class Layout:
             pos += size
         return out
 
-    def sfdisk_script(self, disk_bytes: int) -> str:
+    def sfdisk_script(self, disk_bytes: int, seed: str | None = None) -> str:
+        """The table for sfdisk; with `seed` (the job's key) the identifiers sfdisk would
+        draw at random (the disk's label-id, each GPT partition's uuid) come from it."""
         lines = [f"label: {self.label}", "unit: sectors"]
+        if seed is not None:
+            lines.append(f"label-id: {label_id(self.label, seed)}")
         if self.label == "gpt":
             lines.append(f"last-lba: {disk_bytes // SECTOR - 34}")
         offsets = self.offsets(disk_bytes)
         for p in self.partitions:
             start, size = offsets[p.role]
             fields = [f"start={start // SECTOR}", f"size={size // SECTOR}", f"type={p.type}"]
+            if seed is not None and self.label == "gpt":
+                fields.append(f"uuid={part_uuid(seed, p.role)}")
             if p.bootable:
                 fields.append("bootable")
             if p.name and self.label == "gpt":
                 fields.append(f'name="{p.name}"')
             lines.append(", ".join(fields))
         return "\n".join(lines) + "\n"
+
+
+def label_id(label: str, seed: str) -> str:
+    """The disk identifier: a GPT disk GUID, or the 32-bit MBR disk signature (never 0,
+    which some tools read as "none")."""
+    if label == "gpt":
+        return str(repro.seeded_uuid(seed, "gpt-disk")).upper()
+    return f"0x{int.from_bytes(repro.seeded_bytes(seed, 'dos-disk', 4), 'big') or 1:08x}"
+
+
+def part_uuid(seed: str, role: Role) -> str:
+    """A GPT partition's unique GUID."""
+    return str(repro.seeded_uuid(seed, f"gpt-part-{role}")).upper()
 
 
 LAYOUTS: dict[str, Layout] = {

@@ -5,14 +5,20 @@ mkfs.ext4 -d straight into the root partition's byte range, then the boot code. 
 the trim: blocks that hold only zeros become holes, so the raw and every conversion of it
 read and store less. With --loop, the filesystem is made on a loop device's partition and
 the tree copied onto it mounted instead (diskimage-builder's way).
+
+What the tools would draw at random or read from the clock (the partition table's ids,
+ext4's hash seed, the ESP's serial, every timestamp) comes from the job's key and the
+cell's epoch, so the same tree gives the same disk, byte for byte (not on the --loop way:
+the kernel writes its own times and allocation).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from factory import layouts, loopdev, proc, sizing
+from factory import layouts, loopdev, proc, repro, sizing
 from factory.fsutil import aside
 from factory.results import Output, StageError
 from factory.stages import Context, bootloader
@@ -23,12 +29,23 @@ def partition(disk: Path, offset: int) -> str:
     return f"{disk}?offset={offset}"
 
 
-def mkfs_args(tree: Path | None, disk: Path | str, uuid: str, offset: int, size: int) -> list[str]:
-    """mkfs.ext4 into a byte range of `disk`, filled from `tree` (None: left empty)."""
+def mkfs_args(
+    tree: Path | None,
+    disk: Path | str,
+    uuid: str,
+    offset: int,
+    size: int,
+    hash_seed: str | None = None,
+) -> list[str]:
+    """mkfs.ext4 into a byte range of `disk`, filled from `tree` (None: left empty).
+    mke2fs keeps only its last -E, so every extended option goes into one."""
     # The journal is written out as zeros (mkfs's default, not lazy_journal_init): a
     # flashing tool that skips holes must not leave old data where a journal replay
     # would read it.
-    fill = ["-E", f"offset={offset}", "-d", str(tree)] if tree is not None else []
+    extended = [f"offset={offset}"] if tree is not None else []
+    if hash_seed is not None:
+        extended.append(f"hash_seed={hash_seed}")
+    fill = ["-d", str(tree)] if tree is not None else []
     return [
         "mkfs.ext4",
         "-q",
@@ -41,10 +58,57 @@ def mkfs_args(tree: Path | None, disk: Path | str, uuid: str, offset: int, size:
         str(sizing.BYTES_PER_INODE),
         "-J",
         f"size={sizing.JOURNAL // layouts.MiB}",
+        *(["-E", ",".join(extended)] if extended else []),
         *fill,
         str(disk),
         f"{size // 1024}k",
     ]
+
+
+def _debugfs_quote(path: str) -> str:
+    """A path as one debugfs argument: in double quotes, a quote doubled."""
+    return '"' + path.replace('"', '""') + '"'
+
+
+def _tree_paths(tree: Path) -> Iterator[str]:
+    """Every path under `tree` as the filesystem names it ("/usr/bin"), sorted."""
+    for top, dirs, files in os.walk(tree):
+        dirs.sort()
+        rel = "/" + os.path.relpath(top, tree) if top != str(tree) else ""
+        for name in sorted([*dirs, *files]):
+            yield f"{rel}/{name}"
+
+
+def clamp_script(paths: Iterator[str], epoch: int) -> tuple[str, list[str]]:
+    """A debugfs script that sets atime and ctime of each path to `epoch`, and the paths
+    it cannot name (a newline in them): `mkfs.ext4 -d` copies both from the source tree,
+    where the ctime is when the tree was made and the atime when it was last read."""
+    lines, skipped = [], []
+    for path in paths:
+        if "\n" in path:
+            skipped.append(path)
+            continue
+        quoted = _debugfs_quote(path)
+        lines.append(f"sif {quoted} atime {epoch}\nsif {quoted} ctime {epoch}\n")
+    return "".join(lines), skipped
+
+
+async def clamp_times(fs: str, tree: Path, epoch: int, work: Path) -> None:
+    """The inode times the tree cannot give the same on every build, set to the epoch.
+    mtimes are the tree's own, and mkfs's own inodes (/, lost+found) already carry the
+    epoch from E2FSPROGS_FAKE_TIME."""
+    script, skipped = clamp_script(_tree_paths(tree), epoch)
+    for path in skipped:
+        proc.note(f"times of {path!r} not clamped: debugfs cannot name it")
+    cmds = work / "clamp-times.debugfs"
+    cmds.write_text(script)
+    try:
+        # stdout echoes every command: kept out of the log.
+        await proc.run(
+            ["debugfs", "-w", "-f", cmds, fs], capture=True, env=repro.source_date_env(epoch)
+        )
+    finally:
+        cmds.unlink(missing_ok=True)
 
 
 async def _fill_through_loop(
@@ -60,15 +124,24 @@ async def _fill_through_loop(
         loopdev.partitions(device, len(layout.partitions)) as parts,
     ):
         ctx.emit(f"mkfs.ext4 {parts[number - 1]}")
-        await proc.run(mkfs_args(None, parts[number - 1], uuid, 0, size))
+        await proc.run(
+            mkfs_args(None, parts[number - 1], uuid, 0, size, hash_seed(ctx.job.key)),
+            env=repro.source_date_env(ctx.job.params["epoch"]),
+        )
         async with loopdev.mount(parts[number - 1], disk.parent / "mnt") as point:
             ctx.emit("copying tree")
             await proc.run(["cp", "-a", f"{tree}/.", point])
             await proc.run(["fstrim", point])
 
 
+def hash_seed(key: str) -> str:
+    """ext4's directory hash seed, random unless given."""
+    return str(repro.seeded_uuid(key, "ext4-hash-seed"))
+
+
 async def run(ctx: Context) -> Output:
     p = ctx.job.params
+    env = repro.source_date_env(p["epoch"])
     layout = layouts.LAYOUTS[p["layout"]]
     tree = ctx.input_path("finalise")
     ctx.emit("sizing")
@@ -85,19 +158,27 @@ async def run(ctx: Context) -> Output:
             fh.truncate(size.disk)
         await proc.run(
             ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", tmp],
-            input=layout.sfdisk_script(size.disk).encode(),
+            input=layout.sfdisk_script(size.disk, ctx.job.key).encode(),
         )
         root_offset, root_size = layout.offsets(size.disk)["root"]
+        fs = partition(tmp, root_offset)
         if ctx.ws.loop:
             await _fill_through_loop(ctx, tmp, tree, layout, p["root_uuid"], root_size)
         else:
             ctx.emit("mkfs.ext4 -d")
-            await proc.run(mkfs_args(tree, tmp, p["root_uuid"], root_offset, root_size))
-        fs = partition(tmp, root_offset)
-        await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", fs])
+            args = mkfs_args(
+                tree, tmp, p["root_uuid"], root_offset, root_size, hash_seed(ctx.job.key)
+            )
+            await proc.run(args, env=env)
+            ctx.emit("inode times")
+            await clamp_times(fs, tree, p["epoch"], work)
+        # tune2fs stamps the superblock's write time with the clock unless told the epoch.
+        await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", fs], env=env)
         ctx.emit("boot code")
-        await bootloader.install(tmp, tree, layout, p["root_uuid"], work)
-        await proc.run(["e2fsck", "-fn", fs])
+        await bootloader.install(
+            tmp, tree, layout, p["root_uuid"], work, epoch=p["epoch"], seed=ctx.job.key
+        )
+        await proc.run(["e2fsck", "-fn", fs], env=env)
         ctx.emit("trim")
         allocated = tmp.stat().st_blocks * 512
         # Where the filesystem of OUT cannot punch holes, the disk is only bigger.

@@ -3,7 +3,9 @@
 grub's images are made with grub-mkimage from the target tree's own modules (the host's
 grub may lack the target platform), with an early config that finds the root filesystem
 by UUID. The ESP is a FAT made in place by mkfs.vfat --offset and filled with mtools,
-since the kernel here may have no vfat and nothing may mount the image.
+since the kernel here may have no vfat and nothing may mount the image. Its serial
+comes from the job's key and its times from the cell's epoch, so it is the same on every
+build.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import proc
+from factory import proc, repro
 from factory.layouts import SECTOR, Layout
+from factory.plan import DEFAULT_EPOCH
 from factory.results import StageError
 
 I386_MODULES = ("biosdisk", "part_msdos", "part_gpt", "ext2", "search_fs_uuid", "normal")
@@ -105,7 +108,15 @@ async def _core_img(
     return out.read_bytes()
 
 
-async def install_mbr(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install_mbr(
+    disk: Path,
+    tree: Path,
+    layout: Layout,
+    uuid: str,
+    work: Path,
+    epoch: int = DEFAULT_EPOCH,
+    seed: str = "",
+) -> None:
     """BIOS on a dos label: boot.img's code in sector 0 (the partition table kept),
     core.img in the gap before the first partition; no sector numbers to patch."""
     core = await _core_img(tree, "i386-pc", I386_MODULES, uuid, work)
@@ -117,7 +128,15 @@ async def install_mbr(disk: Path, tree: Path, layout: Layout, uuid: str, work: P
     _write_at(disk, SECTOR, core)
 
 
-async def install_gpt_bios(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install_gpt_bios(
+    disk: Path,
+    tree: Path,
+    layout: Layout,
+    uuid: str,
+    work: Path,
+    epoch: int = DEFAULT_EPOCH,
+    seed: str = "",
+) -> None:
     """BIOS on a GPT: core.img in the BIOS boot partition, boot.img's code in the
     protective MBR (its partition entry kept), both told where core.img lies."""
     start, size = layout.offsets(disk.stat().st_size)["bios"]
@@ -148,29 +167,52 @@ async def esp_files(tree: Path, uuid: str, work: Path) -> list[EspFile]:
     return [EspFile("EFI/BOOT/BOOTX64.EFI", grub)]
 
 
-async def make_esp(disk: Path, offset: int, size: int, files: Sequence[EspFile]) -> None:
+def esp_serial(seed: str) -> str:
+    """The FAT volume serial (mkfs.vfat -i, 8 hex digits), random unless given."""
+    return repro.seeded_bytes(seed, "esp-serial", 4).hex()
+
+
+def mkfs_vfat_args(disk: Path, offset: int, size: int, serial: str) -> list[str]:
+    """mkfs.vfat into a byte range of `disk`. --invariant: dosfstools 4.2 ignores
+    SOURCE_DATE_EPOCH and stamps the volume label's entry with the clock; with it the
+    time is a constant, and the serial given after it still wins."""
+    return [
+        "mkfs.vfat",
+        "-F",
+        "32",
+        "-s",
+        "1",
+        "-n",
+        "EFI",
+        "--invariant",
+        "-i",
+        serial,
+        f"--offset={offset // SECTOR}",
+        str(disk),
+        str(size // 1024),
+    ]
+
+
+async def make_esp(
+    disk: Path,
+    offset: int,
+    size: int,
+    files: Sequence[EspFile],
+    epoch: int = DEFAULT_EPOCH,
+    seed: str = "",
+) -> None:
     """A FAT32 in the ESP's byte range, filled by mtools. One-sector clusters: mtools
-    cannot read the FAT mkfs.vfat lays out with larger ones at an offset."""
-    await proc.run(
-        [
-            "mkfs.vfat",
-            "-F",
-            "32",
-            "-s",
-            "1",
-            "-n",
-            "EFI",
-            f"--offset={offset // SECTOR}",
-            disk,
-            str(size // 1024),
-        ]
-    )
+    cannot read the FAT mkfs.vfat lays out with larger ones at an offset. mtools stamps
+    directories and files with SOURCE_DATE_EPOCH (no -m: some sources were just
+    written here and carry the clock)."""
+    env = repro.source_date_env(epoch)
+    await proc.run(mkfs_vfat_args(disk, offset, size, esp_serial(seed)), env=env)
     image = f"{disk}@@{offset}"
     dirs = sorted({p for f in files for p in _parents(f.dest)})
     if dirs:
-        await proc.run(["mmd", "-i", image, *(f"::/{d}" for d in dirs)])
+        await proc.run(["mmd", "-i", image, *(f"::/{d}" for d in dirs)], env=env)
     for f in files:
-        await proc.run(["mcopy", "-i", image, "-m", f.source, f"::/{f.dest}"])
+        await proc.run(["mcopy", "-i", image, f.source, f"::/{f.dest}"], env=env)
 
 
 def _parents(dest: str) -> list[str]:
@@ -178,15 +220,31 @@ def _parents(dest: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-async def install_gpt_efi(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install_gpt_efi(
+    disk: Path,
+    tree: Path,
+    layout: Layout,
+    uuid: str,
+    work: Path,
+    epoch: int = DEFAULT_EPOCH,
+    seed: str = "",
+) -> None:
     """Both firmwares from one disk: BIOS through the BIOS boot partition, UEFI through
     the ESP."""
     await install_gpt_bios(disk, tree, layout, uuid, work)
     start, size = layout.offsets(disk.stat().st_size)["esp"]
-    await make_esp(disk, start, size, await esp_files(tree, uuid, work))
+    await make_esp(disk, start, size, await esp_files(tree, uuid, work), epoch, seed)
 
 
-async def install_prep(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install_prep(
+    disk: Path,
+    tree: Path,
+    layout: Layout,
+    uuid: str,
+    work: Path,
+    epoch: int = DEFAULT_EPOCH,
+    seed: str = "",
+) -> None:
     """Open Firmware (SLOF) loads the ELF it finds in the PReP partition."""
     start, size = layout.offsets(disk.stat().st_size)["prep"]
     core = await _core_img(tree, "powerpc-ieee1275", PPC_MODULES, uuid, work)
@@ -195,7 +253,17 @@ async def install_prep(disk: Path, tree: Path, layout: Layout, uuid: str, work: 
     _write_at(disk, start, core)
 
 
-async def install(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install(
+    disk: Path,
+    tree: Path,
+    layout: Layout,
+    uuid: str,
+    work: Path,
+    epoch: int = DEFAULT_EPOCH,
+    seed: str = "",
+) -> None:
+    """The layout's boot code; `epoch` and `seed` (the job's key) stand for the clock and
+    the randomness of the tools that would use them."""
     installers = {
         "mbr": install_mbr,
         "gpt-efi": install_gpt_efi,
@@ -203,4 +271,4 @@ async def install(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path)
     }
     if layout.name not in installers:
         raise StageError(f"boot code for the {layout.name} layout is not built yet")
-    await installers[layout.name](disk, tree, layout, uuid, work)
+    await installers[layout.name](disk, tree, layout, uuid, work, epoch, seed)
