@@ -93,10 +93,10 @@ def cell_sources(matrix: Matrix, cell: Cell) -> str:
         main = debian.sources_for_url(release, m.debian, m.updates, m.security)
     extra = [
         debian.Stanza(
-            (x.uri,),
+            (apt_uri(x.uri),),
             (x.suite,),
             x.components,
-            str(x.signed_by) if x.signed_by else None,
+            _key(x.signed_by) if x.signed_by else None,
             trusted=x.trusted,
         ).render()
         for x in m.extra
@@ -104,7 +104,26 @@ def cell_sources(matrix: Matrix, cell: Cell) -> str:
     return "\n".join([main, *extra])
 
 
+def _key(path: Path) -> str:
+    try:
+        return debian.embedded_key(path.read_bytes())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArchiveError(f"{path}: cannot read the key ({exc})") from None
+
+
+def apt_uri(uri: str) -> str:
+    """A file:// repository is given to apt as copy:, which copies its packages into the
+    tree's own cache: dpkg runs chrooted, where the repository's path does not exist."""
+    return "copy:" + uri.removeprefix("file:").removeprefix("//") if uri.startswith("file:") else uri
+
+
+def matrix_uri(uri: str) -> str:
+    """The URI as the matrix wrote it (apt_uri undone)."""
+    return "file://" + uri.removeprefix("copy:") if uri.startswith("copy:") else uri
+
+
 def release_urls(uri: str, suite: str) -> tuple[str, str]:
+    uri = matrix_uri(uri)
     base = f"{uri.rstrip('/')}/dists/{suite}"
     return f"{base}/InRelease", f"{base}/Release"
 
@@ -151,7 +170,8 @@ async def read_suite(uri: str, suite: str, components: tuple[str, ...]) -> Suite
         date, epoch = parse_release(data)
     except ValueError as exc:
         raise ArchiveError(f"archive: suite {suite} at {url}: {exc}") from None
-    return Suite(uri, suite, components, date, epoch, hashlib.sha256(data).hexdigest(), url)
+    digest = hashlib.sha256(data).hexdigest()
+    return Suite(matrix_uri(uri), suite, components, date, epoch, digest, url)
 
 
 def suites_of(sources: str) -> list[tuple[str, str, tuple[str, ...]]]:

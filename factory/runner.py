@@ -299,7 +299,8 @@ async def _record(
 ) -> None:
     """report.json, SHA256SUMS, the SBOMs, CHANGES.md and the signature, in that order
     (the signature last: it covers the SHA256SUMS just written)."""
-    cells, per_cell = await nightly.record(whole, {r.job.id: r for r in runs}, before, previous, opts.out)
+    by_id = {r.job.id: r for r in runs}
+    cells, per_cell = await nightly.record(whole, by_id, before, previous, opts.out)
     report.write(
         opts.out,
         matrix.name,

@@ -6,6 +6,7 @@ The mirror is never named here: "host" means the build machine's own apt sources
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +43,37 @@ def version_of(release: str) -> str:
     """`12` for bookworm; a release without a number (sid) keeps its name."""
     return VERSIONS.get(release, release)
 HOST_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
+
+
+def _crc24(data: bytes) -> int:
+    """OpenPGP's ASCII armor checksum (RFC 4880, 6.1)."""
+    crc = 0xB704CE
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= 0x1864CFB
+    return crc & 0xFFFFFF
+
+
+def embedded_key(data: bytes) -> str:
+    """A keyring file (binary, as `gpg --export` writes it, or armored) as the value of
+    a deb822 Signed-By field. Embedded, the key needs no file that apt's unprivileged
+    fetcher must read, on this machine or a build host, and the image keeps it."""
+    if data.lstrip().startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK-----"):
+        lines = data.decode("ascii").strip().splitlines()
+    else:
+        b64 = base64.b64encode(data).decode()
+        crc = base64.b64encode(_crc24(data).to_bytes(3, "big")).decode()
+        lines = [
+            "-----BEGIN PGP PUBLIC KEY BLOCK-----",
+            "",
+            *(b64[i : i + 64] for i in range(0, len(b64), 64)),
+            f"={crc}",
+            "-----END PGP PUBLIC KEY BLOCK-----",
+        ]
+    return "".join(f"\n {line.rstrip() or '.'}" for line in lines)
 
 
 def packages_for(

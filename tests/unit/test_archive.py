@@ -4,11 +4,13 @@ rootfs key, their newest Date: the cell's clock."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from factory import archive
+from factory.distros import debian
 from factory.plan import make_plan
 from factory.spec import load_matrix
 
@@ -104,8 +106,9 @@ async def test_archive_state_is_in_the_rootfs_key_but_not_the_mirror(tmp_path: P
     m = load_matrix(_matrix(tmp_path))
     (cell,) = m.cells()
     sources = archive.cell_sources(m, cell)
-    assert f"URIs: file://{tmp_path}/repo" in sources
-    assert f"Signed-By: {tmp_path}/repo.gpg" in sources
+    assert f"URIs: copy:{tmp_path}/repo" in sources  # dpkg, chrooted, cannot see the path
+    # The key is embedded: apt's unprivileged fetcher needs no file of ours, nor a host.
+    assert "Signed-By: \n -----BEGIN PGP PUBLIC KEY BLOCK-----\n .\n a2V5\n" in sources
 
     def state(digest: str, uri: str) -> archive.CellArchive:
         suites = tuple(
@@ -128,3 +131,19 @@ def test_matrix_epoch_wins(tmp_path: Path) -> None:
     m = load_matrix(_matrix(tmp_path, "1700000000"))
     plan = make_plan(m)
     assert {j.params["epoch"] for j in plan.jobs if j.kind == "rootfs"} == {1700000000}
+
+
+def test_embedded_key_is_what_gpg_armors(tmp_path: Path) -> None:
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    gpg = ["gpg", "--homedir", str(home), "--batch"]
+    subprocess.run(
+        [*gpg, "--passphrase", "", "--quick-gen-key", "t <t@example.invalid>", "ed25519"],
+        check=True,
+        capture_output=True,
+    )
+    binary = subprocess.run([*gpg, "--export"], check=True, capture_output=True).stdout
+    armored = subprocess.run([*gpg, "--armor", "--export"], check=True, capture_output=True)
+    want = [line or "." for line in armored.stdout.decode().strip().splitlines()]
+    assert debian.embedded_key(binary).split("\n ")[1:] == want
+    assert debian.embedded_key(armored.stdout) == debian.embedded_key(binary)
