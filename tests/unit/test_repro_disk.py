@@ -274,3 +274,20 @@ async def test_qcow2_is_the_same_twice(tmp_path: Path, raw: Path, compression: s
     a = await qemu_convert(raw, tmp_path / "a.qcow2", *args)
     b = await qemu_convert(raw, tmp_path / "b.qcow2", *args)
     assert a.read_bytes() == b.read_bytes()
+
+
+@needs_e2fsprogs
+async def test_clamp_times_names_files_that_are_not_utf8(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / os.fsdecode(b"caf\xe9")).write_text("x")
+    disk = tmp_path / "d.raw"
+    with open(disk, "wb") as fh:
+        fh.truncate(200 * MiB)
+    args = assemble.mkfs_args(tree, disk, ROOT_UUID, 0, 200 * MiB, assemble.hash_seed(KEY))
+    await proc.run(args, env=repro.source_date_env(EPOCH))
+    await assemble.clamp_times(str(disk), tree, EPOCH, tmp_path)
+    listing = (await proc.run(["debugfs", "-R", "ls -l /", disk], capture=True)).stdout
+    assert b" 12 " in listing and b"caf" in listing  # the only file: the first inode
+    stat = (await proc.run(["debugfs", "-R", "stat <12>", disk], capture=True)).text
+    assert "ctime: 0x6553f100" in stat and "atime: 0x6553f100" in stat
