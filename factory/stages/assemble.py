@@ -15,7 +15,7 @@ the kernel writes its own times and allocation).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from factory import layouts, loopdev, proc, repro, sizing
@@ -79,7 +79,7 @@ def _tree_paths(tree: Path) -> Iterator[str]:
             yield f"{rel}/{name}"
 
 
-def clamp_script(paths: Iterator[str], epoch: int) -> tuple[str, list[str]]:
+def clamp_script(paths: Iterable[str], epoch: int) -> tuple[str, list[str]]:
     """A debugfs script that sets atime and ctime of each path to `epoch`, and the paths
     it cannot name (a newline in them): `mkfs.ext4 -d` copies both from the source tree,
     where the ctime is when the tree was made and the atime when it was last read."""
@@ -101,7 +101,7 @@ async def clamp_times(fs: str, tree: Path, epoch: int, work: Path) -> None:
     for path in skipped:
         proc.note(f"times of {path!r} not clamped: debugfs cannot name it")
     cmds = work / "clamp-times.debugfs"
-    cmds.write_text(script)
+    cmds.write_bytes(script.encode(errors="surrogateescape"))  # names need not be UTF-8
     try:
         # stdout echoes every command: kept out of the log.
         await proc.run(

@@ -21,7 +21,18 @@ from factory.results import Output, StageError
 from factory.stages import Context
 from factory.stages.convert import cpu_budget
 
-TAR = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
+# Sparse files in format 0.0: its map is in the pax header and the member keeps its name;
+# formats 0.1 and 1.0 rename it to GNUSparseFile.<tar's PID>/NAME, other bytes every run.
+# GNU tar, libarchive, Python's tarfile and Go's archive/tar all read 0.0.
+TAR = [
+    "tar",
+    "--numeric-owner",
+    "--xattrs",
+    "--xattrs-include=*",
+    "--acls",
+    "--sparse",
+    "--sparse-version=0.0",
+]
 
 # Debian architecture → the names the container specs use.
 OCI_ARCH = {"amd64": "amd64", "ppc64el": "ppc64le", "arm64": "arm64"}

@@ -60,6 +60,10 @@ def make_tree(root: Path, *, reverse: bool, newer: int, xattrs_reversed: bool = 
     with open(root / "usr/lib/big", "wb") as big:  # several blocks for pigz and mksquashfs
         for i in range(40_000):
             big.write(f"line {i} {i * 7919 % 104729}\n".encode())
+    with open(root / "var/log/sparse", "wb") as sparse:  # a hole, then data
+        sparse.truncate(1 << 20)
+        sparse.seek(500_000)
+        sparse.write(b"data after a hole\n")
     os.chmod(root / "usr/bin/tool", 0o755)
     os.link(root / "etc/f03", root / "usr/hardlink")
     (root / "bin").symlink_to("usr/bin")
@@ -130,6 +134,8 @@ def test_tar_clamps_mtimes_and_keeps_older_ones(trees: tuple[Path, Path], tmp_pa
     with tarfile.open(tmp_path / "out" / "tree.tar") as tf:
         members = {m.name: m for m in tf.getmembers()}
         names = [m.name for m in tf.getmembers()]
+        sparse = tf.extractfile("./var/log/sparse")
+        assert sparse is not None and sparse.read() == (trees[0] / "var/log/sparse").read_bytes()
     assert members["./etc/f00"].mtime == EPOCH - 86400
     assert members["./bin"].mtime == EPOCH and members["./bin"].issym()
     assert members["./usr/hardlink"].islnk() or members["./etc/f03"].islnk()
