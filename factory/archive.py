@@ -114,7 +114,9 @@ def _key(path: Path) -> str:
 def apt_uri(uri: str) -> str:
     """A file:// repository is given to apt as copy:, which copies its packages into the
     tree's own cache: dpkg runs chrooted, where the repository's path does not exist."""
-    return "copy:" + uri.removeprefix("file:").removeprefix("//") if uri.startswith("file:") else uri
+    return (
+        "copy:" + uri.removeprefix("file:").removeprefix("//") if uri.startswith("file:") else uri
+    )
 
 
 def matrix_uri(uri: str) -> str:
