@@ -273,8 +273,8 @@ LEFTOVERS = (
 
 
 def _remove_leftovers(tree: Path) -> None:
-    """Drop LEFTOVERS and empty the remaining logs (as diskimage-builder does: the files
-    stay, with their owners and modes, for the services that append to them)."""
+    """Drop LEFTOVERS and empty the remaining logs (emptied, not removed: the files keep
+    the owners and modes the services that append to them expect)."""
     for pattern in LEFTOVERS:
         for path in sorted(tree.glob(pattern), reverse=True):
             if path.is_dir() and not path.is_symlink():
@@ -290,7 +290,10 @@ def sort_xattrs(path: str) -> bool:
     """Rewrite a file's xattrs in name order when they are not: tar stores them in the
     order the filesystem lists them, which is the order they were set in. False when the
     filesystem would not let them be rewritten (they are then left as they were)."""
-    names = os.listxattr(path, follow_symlinks=False)
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:  # a filesystem without xattrs: nothing to order
+        return False
     if names == sorted(names):
         return True
     values = {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
@@ -308,10 +311,11 @@ def sort_xattrs(path: str) -> bool:
 
 
 def normalise_tree(tree: Path, epoch: int) -> int:
-    """Set every mtime newer than `epoch` to `epoch` (its atime too, though reading the
-    tree moves atimes again: no format keeps them), symlinks themselves included, so the
+    """Set every mtime newer than `epoch` to `epoch`, symlinks themselves included, so the
     tree holds no trace of when it was built, and put every file's xattrs in name order.
-    Returns how many entries changed time. Blocking: run it in a thread."""
+    The atime is set too, but reading the tree moves atimes again: tar and squashfs keep
+    none, a disk must set its own. Returns how many entries changed time. Blocking: run
+    it in a thread."""
     limit = epoch * 1_000_000_000
     changed = 0
     for top, dirs, files in os.walk(tree):
