@@ -132,7 +132,13 @@ def _pack(tree: Path, work: Path, fmt: str) -> tuple[Output, list[str], str]:
         arch="amd64",
         deps=("finalise:tiny",),
         key="0" * 64,
-        params={"format": fmt, "arch": "amd64", "image_name": "tiny", "docker_tag": "t/t:1"},
+        params={
+            "format": fmt,
+            "arch": "amd64",
+            "image_name": "tiny",
+            "docker_tag": "t/t:1",
+            "epoch": 1_700_000_000,
+        },
     )
     said: list[str] = []
     ctx = Context(
