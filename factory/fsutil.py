@@ -31,6 +31,19 @@ def atomic_write(path: Path, data: str | bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_if_changed(path: Path, data: str | bytes) -> bool:
+    """atomic_write, unless the file already holds these bytes: then it is left as it is
+    (same inode, same mtime), so a rerun that changes nothing touches nothing."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        if path.read_bytes() == raw:
+            return False
+    except OSError:
+        pass
+    atomic_write(path, raw)
+    return True
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -19,7 +19,7 @@ import anyio
 
 from factory import changes, sbom
 from factory.distros import debian
-from factory.fsutil import atomic_write
+from factory.fsutil import write_if_changed
 from factory.plan import Job, Plan
 from factory.scheduler import JobRun
 
@@ -49,16 +49,6 @@ def manifests_before(plan: Plan, out: Path) -> dict[str, list[dict[str, str]] | 
         for job in plan.jobs
         if job.kind == "finalise"
     }
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Same bytes: the file (its inode and mtime) is left as it is."""
-    try:
-        if path.read_bytes() == data:
-            return
-    except OSError:
-        pass
-    atomic_write(path, data)
 
 
 async def record(
@@ -116,7 +106,7 @@ async def record(
                 key=final.key,
             )
         )
-        _write_if_changed(out / info["sbom"], data)
+        write_if_changed(out / info["sbom"], data)
         cells[cell] = info
     return cells, per_cell
 
@@ -126,7 +116,7 @@ def write_changes(
 ) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else None
     text = changes.markdown(f"{matrix}: changes since the previous run", dict(per_cell), stamp)
-    _write_if_changed(out / CHANGES_MD, text.encode())
+    write_if_changed(out / CHANGES_MD, text.encode())
 
 
 def published(out: Path, artifacts: Iterable[dict[str, Any]]) -> list[Path]:

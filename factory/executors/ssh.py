@@ -35,7 +35,7 @@ from anyio.abc import TaskGroup
 from factory import proc
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
-from factory.fsutil import aside, atomic_write, sha256_file
+from factory.fsutil import aside, atomic_write, sha256_file, write_if_changed
 from factory.plan import Job, Plan
 from factory.results import Output, StageError
 from factory.scheduler import Executor, Scheduler
@@ -780,7 +780,7 @@ class CellRun:
         manifest = info.get("manifest")
         if job.kind == "finalise" and isinstance(manifest, str) and session.folder:
             text = await session.read_text(f"{session.folder}/out/{manifest}")
-            atomic_write(self.farm.local.ws.out / manifest, text)
+            write_if_changed(self.farm.local.ws.out / manifest, text)
         return Output(None, info)
 
     async def _copy_log(self, session: RemoteSession, job: Job) -> None:

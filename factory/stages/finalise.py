@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 
 from factory import proc, repro, sizing
-from factory.fsutil import atomic_write
+from factory.fsutil import write_if_changed
 from factory.results import Output, StageError
 from factory.stages import Context, chroot, rootfs
 
@@ -384,5 +384,5 @@ async def run(ctx: Context) -> Output:
                 await anyio.to_thread.run_sync(normalise_tree, tree, int(p["epoch"]))
                 meta["bytes"] = sizing.measure(tree).allocated
             tree = (await cache.use(ctx.job.key)).root
-    atomic_write(manifest_out, (tree / MANIFEST_DIR / f"{p['image_name']}.json").read_bytes())
+    write_if_changed(manifest_out, (tree / MANIFEST_DIR / f"{p['image_name']}.json").read_bytes())
     return Output(tree, {"manifest": p["manifest"], "cached": cached})
