@@ -35,7 +35,7 @@ from anyio.abc import TaskGroup
 from factory import proc
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
-from factory.fsutil import aside, atomic_write, sha256_file, write_if_changed
+from factory.fsutil import aside, sha256_file, write_if_changed
 from factory.plan import Job, Plan
 from factory.results import Output, StageError
 from factory.scheduler import Executor, Scheduler
