@@ -196,7 +196,7 @@ def _publish(base: Path, fingerprint: str, version: str, date: datetime) -> AptR
         "Description": "factory test repository",
     }
     options = [a for k, v in fields.items() for a in ("-o", f"APT::FTPArchive::Release::{k}={v}")]
-    # Written aside: apt-ftparchive would list a Release file it finds in the folder.
+    # Made before Release is there: apt-ftparchive would list a Release file it found.
     release = _run(["apt-ftparchive", *options, "release", repo.dist])
     (repo.dist / "Release").write_text(release)
     sign = ["--local-user", fingerprint, "--yes", "--digest-algo", "SHA512"]

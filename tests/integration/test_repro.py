@@ -60,6 +60,19 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def binfmt_misc() -> None:
+    """factory mounts binfmt_misc for the whole machine and leaves it mounted (as systemd
+    would); mount it before the leak guard's first look, so it is not counted as a mount
+    this test left behind."""
+    if not Path("/proc/sys/fs/binfmt_misc/register").exists():
+        subprocess.run(
+            ["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"],
+            check=True,
+            capture_output=True,
+        )
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -106,15 +119,18 @@ def test_two_builds_apart_are_bit_identical(tmp_path: Path) -> None:
     assert sorted(a["format"] for a in first["artifacts"]) == sorted(FORMATS)
     assert one.keys() == two.keys()
     missing = sorted(name for name in one if not one[name].is_file() or not two[name].is_file())
-    assert missing == [], f"not published by both builds: {missing}"
     reported = {a["format"]: a["sha256"] for a in first["artifacts"]}
     reported_again = {a["format"]: a["sha256"] for a in second["artifacts"]}
     differ = sorted(
         name
         for name in one
-        if sha256(one[name]) != sha256(two[name]) or reported.get(name) != reported_again.get(name)
+        if name not in missing
+        and (
+            sha256(one[name]) != sha256(two[name]) or reported.get(name) != reported_again.get(name)
+        )
     )
-    assert differ == [], (
-        f"these differ between the two builds: {differ} "
-        f"(compare with: diffoscope {one[differ[0]]} {two[differ[0]]})"
+    example = f" (compare with: diffoscope {one[differ[0]]} {two[differ[0]]})" if differ else ""
+    assert (missing, differ) == ([], []), (
+        f"not published by both builds: {missing}; "
+        f"these differ between the two builds: {differ}{example}"
     )
