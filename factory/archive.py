@@ -76,21 +76,25 @@ def host_sources() -> tuple[str, bool]:
     )
 
 
-def cell_sources(matrix: Matrix, cell: Cell) -> str:
-    """The deb822 sources a cell's tree is built from: the Debian archive (the host's
-    entries renamed to the release, or the matrix's URL) and the extra repositories."""
-    m = matrix.mirrors
-    release = cell.distro.release
-    if m.debian == "host":
+def debian_sources(release: str, mirror: str, updates: bool, security: bool) -> str:
+    """deb822 sources of the Debian archive for `release`: the build machine's own
+    entries renamed to it ("host"), or the mirror URL's."""
+    if mirror == "host":
         text, deb822 = host_sources()
         try:
-            main = debian.sources_for(
-                release, debian.parse_sources(text, deb822), m.updates, m.security
+            return debian.sources_for(
+                release, debian.parse_sources(text, deb822), updates, security
             )
         except debian.SourcesError as exc:
             raise ArchiveError(f'mirrors.debian = "host": {exc}') from None
-    else:
-        main = debian.sources_for_url(release, m.debian, m.updates, m.security)
+    return debian.sources_for_url(release, mirror, updates, security)
+
+
+def cell_sources(matrix: Matrix, cell: Cell) -> str:
+    """The deb822 sources a cell's tree is built from: the Debian archive and the extra
+    repositories."""
+    m = matrix.mirrors
+    main = debian_sources(cell.distro.release, m.debian, m.updates, m.security)
     extra = [
         debian.Stanza(
             (apt_uri(x.uri),),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -19,9 +20,12 @@ os.environ["FACTORY_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 
 
 def factory(
-    *args: str | os.PathLike[str], timeout: float = 1800, check: bool = False
+    *args: str | os.PathLike[str],
+    timeout: float = 1800,
+    check: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real `factory` command as a user would."""
+    """Run the real `factory` command as a user would (`env`: variables added)."""
     return subprocess.run(
         [*FACTORY, *map(str, args)],
         capture_output=True,
@@ -29,7 +33,14 @@ def factory(
         timeout=timeout,
         check=check,
         cwd=ROOT,
+        env={**os.environ, **env} if env else None,
     )
+
+
+def sha256(path: Path) -> str:
+    """sha256 of a file, read as any user's checksum tool would."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def have(*tools: str) -> bool:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from factory import proc, repro, sizing
-from factory.distros import debian
+from factory import archive, proc, repro, sizing
 from factory.proc import CommandError
 from factory.results import Output, StageError
 from factory.stages import Context
@@ -74,34 +73,20 @@ async def ensure_runnable(arch: str) -> None:
         )
 
 
-def host_sources() -> tuple[str, bool]:
-    """The build host's apt sources: (text, is deb822)."""
-    for path in debian.HOST_SOURCES:
-        p = Path(path)
-        if p.is_file():
-            return p.read_text(), p.suffix == ".sources"
-    raise StageError(
-        'mirrors.debian = "host" but this machine has no '
-        f"{' or '.join(debian.HOST_SOURCES)} (set a mirror URL in the matrix)"
-    )
-
-
 def sources(params: dict[str, object]) -> str:
     """The tree's apt sources: as planned (with the archive state read from them), or
     made here from the mirror settings for a plan made without it."""
     if isinstance(params.get("sources"), str):
         return str(params["sources"])
-    release, mirror = str(params["release"]), str(params["mirror"])
-    updates, security = bool(params["updates"]), bool(params["security"])
-    if mirror == "host":
-        text, deb822 = host_sources()
-        try:
-            return debian.sources_for(
-                release, debian.parse_sources(text, deb822), updates, security
-            )
-        except debian.SourcesError as exc:
-            raise StageError(f'mirrors.debian = "host": {exc}') from None
-    return debian.sources_for_url(release, mirror, updates, security)
+    try:
+        return archive.debian_sources(
+            str(params["release"]),
+            str(params["mirror"]),
+            bool(params["updates"]),
+            bool(params["security"]),
+        )
+    except archive.ArchiveError as exc:
+        raise StageError(str(exc)) from None
 
 
 def keep_release_files(dest: Path) -> str:

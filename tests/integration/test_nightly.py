@@ -13,7 +13,6 @@ The acceptance test drives the real CLI four times against a local signed apt re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FACTORY, ROOT, have
+from tests.conftest import ROOT, factory, have, sha256
 from tests.integration import aptrepo
 from tests.integration.aptrepo import AptRepo
 from tests.integration.conftest import CACHE
@@ -41,21 +40,6 @@ repo = aptrepo.fixture("1.0")
 
 
 # ---- helpers -----------------------------------------------------------------------
-
-
-def factory(
-    *args: str | os.PathLike[str], env: dict[str, str] | None = None, timeout: float = 1800
-) -> subprocess.CompletedProcess[str]:
-    """tests.conftest.factory, with variables added to the command's environment."""
-    return subprocess.run(
-        [*FACTORY, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @dataclass
@@ -112,14 +96,6 @@ gpg_key = "{key}"
 """
     )
     return path
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def snapshot(out: Path) -> dict[str, tuple[int, int]]:

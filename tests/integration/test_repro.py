@@ -7,9 +7,7 @@ SBOM and the package manifest must come out the same, byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FACTORY, ROOT
+from tests.conftest import factory, sha256
 from tests.integration.conftest import CACHE
 
 CELL = "debian-bookworm-ppc64el"
@@ -73,24 +71,18 @@ def binfmt_misc() -> None:
         )
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build(matrix: Path, out: Path, tmpdir: Path, *args: str) -> dict[str, Any]:
     tmpdir.mkdir(parents=True)
-    done = subprocess.run(
-        [*FACTORY, "run", str(matrix), "--out", str(out), "--cache", str(CACHE), *args],
-        capture_output=True,
-        text=True,
+    done = factory(
+        "run",
+        matrix,
+        "--out",
+        out,
+        "--cache",
+        CACHE,
+        *args,
         timeout=3600,
-        check=False,
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(tmpdir)},
+        env={"TMPDIR": str(tmpdir)},
     )
     report_file = out / "report.json"
     report: dict[str, Any] = json.loads(report_file.read_text()) if report_file.exists() else {}
