@@ -89,24 +89,31 @@ async def record(
                 per_cell[cell] = changes.Changes()
             cells[cell] = info
             continue
-        rows = read_rows(out / info["manifest"]) or []
+        rows = read_rows(out / info["manifest"])
+        if rows is None:  # finalised, but its manifest did not reach OUT
+            cells[cell] = info
+            continue
         old_rows = before.get(cell)
         diff = changes.diff(old_rows, rows) if old_rows is not None else None
         per_cell[cell] = diff
         info["changes"] = diff.to_json() if diff is not None else None
-        info["sbom"] = sbom_name(cell)
-        data = await anyio.to_thread.run_sync(
-            functools.partial(
-                sbom.json_bytes,
-                cell,
-                rows,
-                arch=job.arch,
-                distro_version=debian.version_of(str(job.params.get("release"))),
-                epoch=int(job.params.get("epoch") or 0),
-                key=final.key,
+        try:
+            data = await anyio.to_thread.run_sync(
+                functools.partial(
+                    sbom.json_bytes,
+                    cell,
+                    rows,
+                    arch=job.arch,
+                    distro_version=debian.version_of(str(job.params.get("release"))),
+                    epoch=int(job.params.get("epoch") or 0),
+                    key=final.key,
+                )
             )
-        )
-        write_if_changed(out / info["sbom"], data)
+            write_if_changed(out / sbom_name(cell), data)
+            info["sbom"] = sbom_name(cell)
+        except (OSError, ValueError) as exc:  # a full disk: the report is written all the same
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            info["sbom_error"] = f"{sbom_name(cell)}: {why}"
         cells[cell] = info
     return cells, per_cell
 

@@ -56,10 +56,11 @@ def test_sha256sum_verifies_the_run(amd64: Build) -> None:
 
 def test_out_holds_only_whole_artifacts(amd64: Build) -> None:
     """Nothing half-written under any name: no hidden temporaries, no work folder, and
-    every file in the cell folder is an artifact, its checksum or the manifest."""
+    every file in the cell folder is an artifact, its checksum, the manifest or the SBOM."""
     names = {p.name for p in (amd64.out / CELL).iterdir()}
     artifacts = {Path(a["path"]).name for a in amd64.report["artifacts"]}
-    expected = artifacts | {f"{a}.sha256" for a in artifacts} | {f"{CELL}.manifest.json"}
+    expected = artifacts | {f"{a}.sha256" for a in artifacts}
+    expected |= {f"{CELL}.manifest.json", f"{CELL}.spdx.json"}
     assert names == expected
     assert not [p for p in amd64.out.rglob(".tmp-*")]
     assert not (amd64.out / ".work").exists()

@@ -166,7 +166,7 @@ def assert_only_whole_artifacts(out: Path) -> None:
             ).stdout.split()[0]
             assert got == digest, artifact
     for path in out.glob(f"{CELL}/*"):
-        if not path.name.endswith((".sha256", ".manifest.json")):
+        if not path.name.endswith((".sha256", ".manifest.json", ".spdx.json")):
             assert path.with_name(path.name + ".sha256").exists(), path
 
 

@@ -67,7 +67,9 @@ def test_full_disk_fails_clearly_and_publishes_nothing_partial(small_out: Path) 
         {p.name for p in (small_out / CELL).glob("*")} if (small_out / CELL).exists() else set()
     )
     published = {Path(a["path"]).name for a in build.report["artifacts"]}
-    assert {n for n in finals if not n.endswith((".sha256", ".manifest.json"))} == published
+    assert {
+        n for n in finals if not n.endswith((".sha256", ".manifest.json", ".spdx.json"))
+    } == published
     assert not (small_out / ".work").exists()
     assert [p for p in small_out.rglob(".tmp-*")] == []
     trees_after = sorted(p.name for p in (CACHE / "trees").iterdir())
