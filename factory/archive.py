@@ -150,7 +150,20 @@ def parse_release(data: bytes) -> tuple[str, int]:
 async def _fetch(url: str) -> bytes:
     """One file by curl (http, https, file), as apt would read it."""
     got = await proc.run(
-        ["curl", "-fsSL", "--max-time", str(FETCH_SECONDS), "--retry", "2", url],
+        [
+            "curl",
+            "-fsSL",
+            "--globoff",  # a URL's {} and [] are characters, not curl's patterns
+            "--proto",
+            "=http,https,file",
+            "--proto-redir",
+            "=http,https",
+            "--max-time",
+            str(FETCH_SECONDS),
+            "--retry",
+            "2",
+            url,
+        ],
         capture=True,
         check=False,
     )

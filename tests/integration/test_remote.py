@@ -9,6 +9,7 @@ controller's, because these tests are about dispatch, not about building trees.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -433,14 +435,45 @@ def test_host_key_refused(tmp_path: Path, hosts: dict[str, Sshd], case: str) -> 
     assert "Accepted publickey" not in (a.root / "sshd.log").read_text()
 
 
-SHELLY_MIRROR = "http://127.0.0.1:9/debian/(echo)*{a,b}?[!x]#~"
+SHELLY_PATH = "/debian/(echo)*{a,b}?[!x]#~"
+RELEASE = b"Origin: test\nSuite: any\nDate: Sat, 11 Jul 2026 10:16:37 UTC\n"
+
+
+class _AnyRelease(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with one Release file: the archive state of any suite."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(RELEASE)))
+        self.end_headers()
+        self.wfile.write(RELEASE)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def release_server() -> Iterator[str]:
+    """An HTTP server on loopback that serves Release files; its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _AnyRelease)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def test_matrix_values_reach_the_worker_only_as_data(
-    tmp_path: Path, hosts: dict[str, Sshd]
+    tmp_path: Path, hosts: dict[str, Sshd], release_server: str
 ) -> None:
     """A mirror URL full of shell syntax (the schema allows these characters in a URL) is
-    sent as JSON on the worker's stdin; the remote command line is `COMMAND worker`."""
+    sent as JSON on the worker's stdin; the remote command line is `COMMAND worker`.
+    The URL's archive is read (from a loopback server) before the run, as every run
+    does; its tree is already in the host's cache, so apt never uses it."""
+    shelly = release_server + SHELLY_PATH
     a = hosts["a"]
     logged = tmp_path / "bin/factory-logged"
     logged.parent.mkdir()
@@ -465,7 +498,7 @@ def test_matrix_values_reach_the_worker_only_as_data(
     matrix = write_matrix(
         tmp_path,
         AMD64.format(name="data", formats='["tar"]', fallback="none")
-        + f"\n[mirrors]\ndebian = {json.dumps(SHELLY_MIRROR)}\n\n"
+        + f"\n[mirrors]\ndebian = {json.dumps(shelly)}\n\n"
         + a.toml(["amd64"], known_hosts(tmp_path, a), command=str(logged)),
     )
     seed(a, matrix, like=plain)
@@ -476,8 +509,8 @@ def test_matrix_values_reach_the_worker_only_as_data(
     assert (tmp_path / "argv").read_text() == "worker\n"
     request = json.loads((tmp_path / "stdin").read_text().splitlines()[0])
     (rootfs,) = [j for j in request["plan"]["jobs"] if j["kind"] == "rootfs"]
-    assert rootfs["params"]["mirror"] == SHELLY_MIRROR
-    assert SHELLY_MIRROR not in (a.root / "sshd.log").read_text()
+    assert rootfs["params"]["mirror"] == shelly
+    assert shelly not in (a.root / "sshd.log").read_text()
 
 
 def test_worker_refuses_a_changed_plan(tmp_path: Path) -> None:
