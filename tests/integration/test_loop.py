@@ -93,8 +93,12 @@ def test_a_device_left_with_partition_entries_is_reused(tmp_path: Path) -> None:
     device = subprocess.run(
         ["losetup", "--find", "--show", other], capture_output=True, text=True, check=True
     ).stdout.strip()
-    subprocess.run(["partx", "-a", device], check=True)
-    subprocess.run(["losetup", "-d", device], check=True)
+    try:
+        # The device may already carry entries another run left: start from ours alone.
+        subprocess.run(["partx", "-d", device], check=False, capture_output=True)
+        subprocess.run(["partx", "-a", device], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
     try:
         assert Path(f"{device}p1").exists()
         build = run_matrix(LOOP, tmp_path / "out", "--loop")
