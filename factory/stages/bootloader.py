@@ -10,14 +10,14 @@ build.
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from factory import proc, repro
 from factory.layouts import SECTOR, Layout
-from factory.plan import DEFAULT_EPOCH
 from factory.results import StageError
 
 I386_MODULES = ("biosdisk", "part_msdos", "part_gpt", "ext2", "search_fs_uuid", "normal")
@@ -108,15 +108,7 @@ async def _core_img(
     return out.read_bytes()
 
 
-async def install_mbr(
-    disk: Path,
-    tree: Path,
-    layout: Layout,
-    uuid: str,
-    work: Path,
-    epoch: int = DEFAULT_EPOCH,
-    seed: str = "",
-) -> None:
+async def install_mbr(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
     """BIOS on a dos label: boot.img's code in sector 0 (the partition table kept),
     core.img in the gap before the first partition; no sector numbers to patch."""
     core = await _core_img(tree, "i386-pc", I386_MODULES, uuid, work)
@@ -128,15 +120,7 @@ async def install_mbr(
     _write_at(disk, SECTOR, core)
 
 
-async def install_gpt_bios(
-    disk: Path,
-    tree: Path,
-    layout: Layout,
-    uuid: str,
-    work: Path,
-    epoch: int = DEFAULT_EPOCH,
-    seed: str = "",
-) -> None:
+async def install_gpt_bios(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
     """BIOS on a GPT: core.img in the BIOS boot partition, boot.img's code in the
     protective MBR (its partition entry kept), both told where core.img lies."""
     start, size = layout.offsets(disk.stat().st_size)["bios"]
@@ -194,12 +178,7 @@ def mkfs_vfat_args(disk: Path, offset: int, size: int, serial: str) -> list[str]
 
 
 async def make_esp(
-    disk: Path,
-    offset: int,
-    size: int,
-    files: Sequence[EspFile],
-    epoch: int = DEFAULT_EPOCH,
-    seed: str = "",
+    disk: Path, offset: int, size: int, files: Sequence[EspFile], *, epoch: int, seed: str
 ) -> None:
     """A FAT32 in the ESP's byte range, filled by mtools. One-sector clusters: mtools
     cannot read the FAT mkfs.vfat lays out with larger ones at an offset. mtools stamps
@@ -221,30 +200,17 @@ def _parents(dest: str) -> list[str]:
 
 
 async def install_gpt_efi(
-    disk: Path,
-    tree: Path,
-    layout: Layout,
-    uuid: str,
-    work: Path,
-    epoch: int = DEFAULT_EPOCH,
-    seed: str = "",
+    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, *, epoch: int, seed: str
 ) -> None:
     """Both firmwares from one disk: BIOS through the BIOS boot partition, UEFI through
     the ESP."""
     await install_gpt_bios(disk, tree, layout, uuid, work)
     start, size = layout.offsets(disk.stat().st_size)["esp"]
-    await make_esp(disk, start, size, await esp_files(tree, uuid, work), epoch, seed)
+    files = await esp_files(tree, uuid, work)
+    await make_esp(disk, start, size, files, epoch=epoch, seed=seed)
 
 
-async def install_prep(
-    disk: Path,
-    tree: Path,
-    layout: Layout,
-    uuid: str,
-    work: Path,
-    epoch: int = DEFAULT_EPOCH,
-    seed: str = "",
-) -> None:
+async def install_prep(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
     """Open Firmware (SLOF) loads the ELF it finds in the PReP partition."""
     start, size = layout.offsets(disk.stat().st_size)["prep"]
     core = await _core_img(tree, "powerpc-ieee1275", PPC_MODULES, uuid, work)
@@ -254,21 +220,15 @@ async def install_prep(
 
 
 async def install(
-    disk: Path,
-    tree: Path,
-    layout: Layout,
-    uuid: str,
-    work: Path,
-    epoch: int = DEFAULT_EPOCH,
-    seed: str = "",
+    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, *, epoch: int, seed: str
 ) -> None:
     """The layout's boot code; `epoch` and `seed` (the job's key) stand for the clock and
-    the randomness of the tools that would use them."""
-    installers = {
+    the randomness of the tools that would use them (only the ESP's do)."""
+    installers: dict[str, Callable[[Path, Path, Layout, str, Path], Awaitable[None]]] = {
         "mbr": install_mbr,
-        "gpt-efi": install_gpt_efi,
+        "gpt-efi": functools.partial(install_gpt_efi, epoch=epoch, seed=seed),
         "ppc-prep": install_prep,
     }
     if layout.name not in installers:
         raise StageError(f"boot code for the {layout.name} layout is not built yet")
-    await installers[layout.name](disk, tree, layout, uuid, work, epoch, seed)
+    await installers[layout.name](disk, tree, layout, uuid, work)

@@ -63,7 +63,7 @@ async def test_esp_made_at_an_offset_in_a_file(tmp_path: Path) -> None:
         bootloader.EspFile("EFI/BOOT/BOOTX64.EFI", src),
         bootloader.EspFile("EFI/debian/grub.cfg", src),
     ]
-    await bootloader.make_esp(disk, 4 * 1024 * 1024, 64 * 1024 * 1024, files)
+    await bootloader.make_esp(disk, 4 * 1024 * 1024, 64 * 1024 * 1024, files, epoch=0, seed="")
     image = f"{disk}@@{4 * 1024 * 1024}"
     listing = (await proc.run(["mdir", "-i", image, "-b", "-/", "::/"], capture=True)).text.split()
     assert "::/EFI/BOOT/BOOTX64.EFI" in listing and "::/EFI/debian/grub.cfg" in listing

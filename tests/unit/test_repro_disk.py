@@ -151,7 +151,7 @@ async def test_esp_is_the_same_seconds_apart(tmp_path: Path) -> None:
         with open(disk, "wb") as fh:
             fh.truncate(40 * MiB)
         files = [bootloader.EspFile("EFI/BOOT/BOOTX64.EFI", src)]
-        await bootloader.make_esp(disk, MiB, 34 * MiB, files, EPOCH, KEY)
+        await bootloader.make_esp(disk, MiB, 34 * MiB, files, epoch=EPOCH, seed=KEY)
         images.append(disk.read_bytes())
         if n == 1:
             await anyio.sleep(2.1)  # FAT times count in two seconds
