@@ -11,7 +11,7 @@ from the same sources the tree will use.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -226,9 +226,6 @@ async def read_all(sources: Mapping[str, str]) -> dict[str, CellArchive]:
     }
 
 
-async def read_matrix(
-    matrix: Matrix, cells: Iterable[Cell] | None = None
-) -> dict[str, CellArchive]:
-    """The archive state of every cell of the matrix (or of `cells`)."""
-    chosen = matrix.cells() if cells is None else tuple(cells)
-    return await read_all({cell.id: cell_sources(matrix, cell) for cell in chosen})
+async def read_matrix(matrix: Matrix) -> dict[str, CellArchive]:
+    """The archive state of every cell of the matrix."""
+    return await read_all({cell.id: cell_sources(matrix, cell) for cell in matrix.cells()})

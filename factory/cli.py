@@ -14,8 +14,8 @@ import anyio
 import typer
 
 from factory import archive as archives
+from factory import outstate, state
 from factory import plan as planning
-from factory import state
 from factory.cache import DEFAULT_CACHE, Cache
 from factory.runner import EXIT_FAILED, EXIT_USAGE, Options, RunRefused, run_plan
 from factory.scheduler import default_jobs
@@ -59,8 +59,7 @@ def _describe_archive(states: dict[str, archives.CellArchive], matrix: Matrix) -
     seen: set[tuple[str, str]] = set()
     for cell, st in states.items():
         epoch = planning.cell_epoch(matrix, st)
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
-        lines.append(f"  {cell}: epoch {epoch} ({when})")
+        lines.append(f"  {cell}: epoch {epoch} ({outstate.utc(epoch)})")
         for s in st.suites:
             if (s.uri, s.suite) in seen:
                 continue

@@ -1,6 +1,5 @@
 """What a night says beyond its artifacts: each cell's clock and archive state, what
-changed since the run before into the same OUT, an SBOM per cell, CHANGES.md, and the
-signature of SHA256SUMS.
+changed since the run before into the same OUT, an SBOM per cell and CHANGES.md.
 
 Cells whose finalise job did not run this time keep what OUT holds for them: their
 manifest and SBOM are not rewritten, so their files stay untouched.
@@ -10,14 +9,13 @@ from __future__ import annotations
 
 import functools
 import json
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from factory import changes, sbom
+from factory import changes, outstate, sbom
 from factory.distros import debian
 from factory.fsutil import write_if_changed
 from factory.plan import Job, Plan
@@ -63,6 +61,7 @@ async def record(
     old_cells = (previous or {}).get("cells") or {}
     cells: dict[str, Any] = {}
     per_cell: dict[str, changes.Changes | None] = {}
+    finals = {j.cell: j for j in plan.jobs if j.kind == "finalise"}
     for job in plan.jobs:
         if job.kind != "rootfs":
             continue
@@ -73,7 +72,7 @@ async def record(
             "epoch": job.params.get("epoch"),
             "archive": job.params.get("archive", []),
         }
-        final = next((j for j in plan.jobs if j.kind == "finalise" and j.cell == cell), None)
+        final = finals.get(cell)
         run = runs.get(final.id) if final else None
         if final is None:
             cells[cell] = info
@@ -121,10 +120,6 @@ async def record(
 def write_changes(
     out: Path, matrix: str, per_cell: Mapping[str, changes.Changes | None], since: float | None
 ) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since)) if since else None
+    stamp = outstate.utc(since) if since else None
     text = changes.markdown(f"{matrix}: changes since the previous run", dict(per_cell), stamp)
     write_if_changed(out / CHANGES_MD, text.encode())
-
-
-def published(out: Path, artifacts: Iterable[dict[str, Any]]) -> list[Path]:
-    return [out / a["path"] for a in artifacts]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,17 @@ from factory.plan import Plan
 
 LEAVES = frozenset({"publish", "boot"})  # what a run is for; the other jobs feed them
 REUSABLE = frozenset({"done", "unchanged"})
+
+
+def out_id(out: Path) -> str:
+    """A short name for an OUT folder, for what is kept about it outside it (its lock,
+    its verified sha256s)."""
+    return hashlib.sha256(os.fsencode(out.resolve())).hexdigest()[:24]
+
+
+def utc(stamp: float) -> str:
+    """A run's time as reports and messages show it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
 
 
 def load_report(out: Path) -> dict[str, Any] | None:
@@ -38,8 +50,7 @@ class Verified:
     """sha256 of files by their stat identity, kept beside the tree cache."""
 
     def __init__(self, cache_root: Path, out: Path) -> None:
-        name = hashlib.sha256(os.fsencode(out.resolve())).hexdigest()[:24]
-        self.path = cache_root / "verified" / f"{name}.json"
+        self.path = cache_root / "verified" / f"{out_id(out)}.json"
         try:
             self.known: dict[str, str] = json.loads(self.path.read_text())
         except (OSError, ValueError):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import signal
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
-from factory import nightly, outstate, report, state
+from factory import nightly, outstate, report, sign, state
 from factory.cache import Cache, remove_tree
 from factory.events import Bus, Event, JsonSink, PlainSink
 from factory.executors.local import LocalExecutor
@@ -65,7 +64,7 @@ def lock_dir() -> Path:
 
 
 def out_lock_path(out: Path) -> Path:
-    return lock_dir() / f"out-{hashlib.sha256(os.fsencode(out.resolve())).hexdigest()[:24]}.lock"
+    return lock_dir() / f"out-{outstate.out_id(out)}.lock"
 
 
 @contextlib.contextmanager
@@ -185,19 +184,10 @@ async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Sto
 
 
 async def _check_sign_key(key: str, matrix: Matrix) -> None:
-    from factory import sign
-    from factory.results import StageError
-
     try:
         await sign.check_key(key)
     except StageError as exc:
         raise RunRefused(f"{matrix.path}: sign.gpg_key: {exc}") from None
-
-
-def _when(stamp: object) -> str:
-    if not isinstance(stamp, int | float):
-        return "the last run"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
 
 
 def _unchanged(
@@ -205,8 +195,10 @@ def _unchanged(
 ) -> int:
     """A night with nothing new: every artifact and boot test in OUT has this plan's key
     and its sha256. Nothing in OUT is written."""
+    since = previous.get("finished")
+    when = outstate.utc(since) if isinstance(since, int | float) else "the last run"
     message = (
-        f"unchanged since {_when(previous.get('finished'))}: {len(carried.artifacts)} "
+        f"unchanged since {when}: {len(carried.artifacts)} "
         f"artifacts in {opts.out} have this plan's keys and their sha256; nothing to do"
     )
     bus.emit(Event("run-start", data={"matrix": matrix.name, "jobs": 0, "out": str(opts.out)}))
@@ -317,6 +309,4 @@ async def _record(
         opts.out, matrix.name, per_cell, since if isinstance(since, int | float) else None
     )
     if matrix.sign is not None:
-        from factory import sign
-
         await sign.sign_sums(opts.out / "SHA256SUMS", matrix.sign.gpg_key)

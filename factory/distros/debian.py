@@ -34,6 +34,7 @@ BOOTLOADER = {
 }
 
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+HOST_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 
 # Release codename → VERSION_ID (os-release), as purls and SBOMs name a distro.
 VERSIONS = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13", "forky": "14"}
@@ -42,7 +43,6 @@ VERSIONS = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13", 
 def version_of(release: str) -> str:
     """`12` for bookworm; a release without a number (sid) keeps its name."""
     return VERSIONS.get(release, release)
-HOST_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
 
 
 def _crc24(data: bytes) -> int:

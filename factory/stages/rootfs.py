@@ -94,7 +94,7 @@ def keep_release_files(dest: Path) -> str:
     mmdebstrap's clean-up deletes them: they say which archive state the tree is of."""
     folder = shlex.quote(str(dest))
     return (
-        f"mkdir -p {folder} && for f in \"$1\"/var/lib/apt/lists/*Release; do "
+        f'mkdir -p {folder} && for f in "$1"/var/lib/apt/lists/*Release; do '
         f'[ -e "$f" ] && cp "$f" {folder}/; done; true'
     )
 
