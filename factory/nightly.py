@@ -8,7 +8,6 @@ manifest and SBOM are not rewritten, so their files stay untouched.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,11 @@ def sbom_name(cell: str) -> str:
 
 
 def read_rows(path: Path) -> list[dict[str, str]] | None:
+    """A manifest's rows, or None where OUT has none that can be read."""
     try:
-        rows = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return changes.load_manifest(path)
+    except ValueError:
         return None
-    return rows if isinstance(rows, list) else None
 
 
 def manifests_before(plan: Plan, out: Path) -> dict[str, list[dict[str, str]] | None]:
