@@ -16,7 +16,6 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from urllib.parse import quote
 
 from packageurl import PackageURL
@@ -34,7 +33,6 @@ from spdx_tools.spdx.model.spdx_no_assertion import SpdxNoAssertion
 from spdx_tools.spdx.validation.document_validator import validate_full_spdx_document
 
 from factory import __version__
-from factory.fsutil import atomic_write
 
 SPDX_VERSION = "SPDX-2.3"
 DOCUMENT_ID = "SPDXRef-DOCUMENT"
@@ -186,23 +184,6 @@ def json_bytes(
         raise ValueError(f"{cell}: invalid SBOM: {'; '.join(found[:3])}{more}")
     data = DocumentConverter().convert(doc)  # type: ignore[no-untyped-call]
     return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-def write(
-    path: Path,
-    cell: str,
-    packages: list[dict[str, str]],
-    *,
-    arch: str,
-    distro_version: str,
-    epoch: int,
-    key: str,
-) -> None:
-    """Write CELL.spdx.json atomically: readers see the old SBOM or the whole new one."""
-    data = json_bytes(
-        cell, packages, arch=arch, distro_version=distro_version, epoch=epoch, key=key
-    )
-    atomic_write(path, data)
 
 
 def _source(row: Mapping[str, str]) -> tuple[str, str]:
