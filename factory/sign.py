@@ -8,11 +8,11 @@ starts, so a missing key is said before any work is done.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 from factory import proc
+from factory.fsutil import aside
 from factory.proc import CommandError
 from factory.results import StageError
 
@@ -77,7 +77,7 @@ async def sign_sums(sums: Path, key: str, *, gnupghome: Path | None = None) -> P
     if not sums.is_file():
         raise StageError(f"{sums}: no such file to sign")
     target = sums.with_name(sums.name + SUFFIX)
-    aside = sums.with_name(f".tmp-{target.name}-{os.getpid()}")
+    tmp = aside(target)
     try:
         await proc.run(
             [
@@ -88,14 +88,14 @@ async def sign_sums(sums: Path, key: str, *, gnupghome: Path | None = None) -> P
                 "--detach-sign",
                 "--armor",
                 "--output",
-                aside,
+                tmp,
                 "--",
                 sums,
             ],
             env=_env(gnupghome),
             timeout=TIMEOUT,
         )
-        os.replace(aside, target)
+        os.replace(tmp, target)
     except CommandError as exc:
         raise StageError(
             f"signing {sums.name} with gpg key {key} failed ({_why(exc)}): {FIX}"
@@ -103,6 +103,5 @@ async def sign_sums(sums: Path, key: str, *, gnupghome: Path | None = None) -> P
     except FileNotFoundError as exc:
         raise StageError(f"gpg is not installed, needed to sign with key {key}") from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            aside.unlink()
+        tmp.unlink(missing_ok=True)
     return target
