@@ -20,11 +20,11 @@ from typing import Any, Literal, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from factory import formats
 from factory.events import Bus, Event, EventKind
 from factory.plan import Job, Plan
 from factory.proc import CommandError, logging_to
 from factory.results import Output, StageError
+from factory.stages import registry
 
 Status = Literal["done", "failed", "skipped", "cancelled"]
 
@@ -104,7 +104,7 @@ def ranks(plan: Plan) -> dict[str, float]:
     def of(jid: str) -> float:
         if jid not in rank:
             after = max((of(c) for c in children[jid]), default=0.0)
-            rank[jid] = formats.job_cost(jobs[jid].kind, jobs[jid].params) + after
+            rank[jid] = registry.cost(jobs[jid].kind, jobs[jid].params) + after
         return rank[jid]
 
     for job in plan.jobs:
