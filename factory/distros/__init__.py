@@ -29,6 +29,21 @@ class Family(Protocol):
         """VERSION_ID of a release, as purls and SBOMs name it."""
         ...
 
+    def sources(self, release: str, mirror: str, updates: bool, security: bool) -> str:
+        """The package sources of the family's archive for `release` ("host": made from
+        the build machine's own); ValueError (one line) when they cannot be made."""
+        ...
+
+    def extra_source(
+        self, uri: str, suite: str, components: tuple[str, ...], key: bytes | None, trusted: bool
+    ) -> str:
+        """Sources for a repository of one's own, with its key (a keyring's bytes)."""
+        ...
+
+    def suites_of(self, text: str) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(uri, suite, components) of every suite in sources: the archive state to read."""
+        ...
+
     def package_problem(self, name: str) -> str | None:
         """Why `name` cannot be one of the family's package names, or None."""
         ...

@@ -200,6 +200,44 @@ def sources_for(release: str, stanzas: list[Stanza], updates: bool, security: bo
     return "\n".join(out)
 
 
+def host_sources() -> tuple[str, bool]:
+    """The build machine's apt sources: (text, is deb822)."""
+    for path in HOST_SOURCES:
+        p = Path(path)
+        if p.is_file():
+            return p.read_text(), p.suffix == ".sources"
+    raise SourcesError(
+        f"this machine has no {' or '.join(HOST_SOURCES)} (set a mirror URL in the matrix)"
+    )
+
+
+def sources(release: str, mirror: str, updates: bool, security: bool) -> str:
+    """deb822 sources of the Debian archive for `release`: the build machine's own
+    entries renamed to it ("host"), or the mirror URL's."""
+    if mirror == "host":
+        text, deb822 = host_sources()
+        return sources_for(release, parse_sources(text, deb822), updates, security)
+    return sources_for_url(release, mirror, updates, security)
+
+
+def extra_source(
+    uri: str, suite: str, components: tuple[str, ...], key: bytes | None, trusted: bool
+) -> str:
+    """A repository of one's own beside the archive, its key embedded."""
+    signed_by = embedded_key(key) if key is not None else None
+    return Stanza((uri,), (suite,), components, signed_by, trusted=trusted).render()
+
+
+def suites_of(text: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(uri, suite, components) of every entry in deb822 sources, in order."""
+    return [
+        (uri, suite, st.components)
+        for st in parse_sources(text, True)
+        for uri in st.uris
+        for suite in st.suites
+    ]
+
+
 def sources_for_url(release: str, url: str, updates: bool, security: bool) -> str:
     """deb822 sources for a mirror URL; security from the sibling `-security` archive,
     as Debian mirrors lay it out."""
@@ -402,6 +440,17 @@ class Debian:
 
     def version_of(self, release: str) -> str:
         return version_of(release)
+
+    def sources(self, release: str, mirror: str, updates: bool, security: bool) -> str:
+        return sources(release, mirror, updates, security)
+
+    def extra_source(
+        self, uri: str, suite: str, components: tuple[str, ...], key: bytes | None, trusted: bool
+    ) -> str:
+        return extra_source(uri, suite, components, key, trusted)
+
+    def suites_of(self, text: str) -> list[tuple[str, str, tuple[str, ...]]]:
+        return suites_of(text)
 
     def package_problem(self, name: str) -> str | None:
         return package_problem(name)

@@ -85,7 +85,7 @@ def sources(p: Params) -> str:
     if p.sources is not None:
         return p.sources
     try:
-        return archive.debian_sources(p.release, p.mirror, p.updates, p.security)
+        return archive.family_sources(p.family, p.release, p.mirror, p.updates, p.security)
     except archive.ArchiveError as exc:
         raise StageError(str(exc)) from None
 
