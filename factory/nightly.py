@@ -87,7 +87,7 @@ async def record(
                 per_cell[cell] = changes.Changes()
             cells[cell] = info
             continue
-        rows = read_rows(out / info["manifest"])
+        rows = await anyio.to_thread.run_sync(read_rows, out / info["manifest"])  # read + parse
         if rows is None:  # finalised, but its manifest did not reach OUT
             cells[cell] = info
             continue
