@@ -97,11 +97,14 @@ class JobLog:
         self._fh = self._async = None
 
     def _failed(self, exc: OSError) -> None:
+        """No more writes; the file is closed by close() alone, when no put() is running
+        (closing it under a put in a worker thread could let that write reach another file
+        that took the same descriptor)."""
         self.error = self.error or exc
-        self.close()
+        self._async = None
 
     def write(self, text: str) -> None:
-        if self._fh is not None:
+        if self._fh is not None and self._async is not None:
             try:
                 self._fh.write(_encode([text]))
             except OSError as exc:
