@@ -203,15 +203,15 @@ class Scheduler:
                 run.status, run.finished = "failed", time.time()
                 run.host = executor.host  # a remote job may have moved to another host
                 if isinstance(exc, CommandError):
-                    log.write(f"# {exc}")
+                    await log.put([f"# {exc}"])
                     run.error, run.tail = str(exc), exc.tail
                 elif isinstance(exc, StageError):
-                    log.write(f"# {exc}")
-                    run.error, run.tail = str(exc), log.tail()
+                    await log.put([f"# {exc}"])
+                    run.error, run.tail = str(exc), await log.tail_async()
                 else:
-                    log.write(traceback.format_exc())
+                    await log.put([traceback.format_exc()])
                     run.error = f"{type(exc).__name__}: {exc}"
-                    run.tail = log.tail()
+                    run.tail = await log.tail_async()
                 self._emit("failed", run, run.error, tail=run.tail)
                 if self.fail_fast and self._group is not None:
                     self._group.cancel_scope.cancel()
