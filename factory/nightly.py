@@ -14,8 +14,7 @@ from typing import Any
 
 import anyio
 
-from factory import changes, outstate, sbom
-from factory.distros import debian
+from factory import changes, distros, outstate, sbom
 from factory.fsutil import write_if_changed_async
 from factory.plan import Job, Plan
 from factory.scheduler import JobRun
@@ -95,6 +94,7 @@ async def record(
         diff = changes.diff(old_rows, rows) if old_rows is not None else None
         per_cell[cell] = diff
         info["changes"] = diff.to_json() if diff is not None else None
+        family = distros.get(str(job.params.get("family", "debian")))
         try:
             data = await anyio.to_thread.run_sync(
                 functools.partial(
@@ -102,7 +102,9 @@ async def record(
                     cell,
                     rows,
                     arch=job.arch,
-                    distro_version=debian.version_of(str(job.params.get("release"))),
+                    distro_version=family.version_of(str(job.params.get("release"))),
+                    family=family.name,
+                    purl_type=family.purl_type,
                     epoch=int(job.params.get("epoch") or 0),
                     key=final.key,
                 )

@@ -72,18 +72,22 @@ def supplier(maintainer: str | None) -> Actor | SpdxNoAssertion:
     return Actor(ActorType.ORGANIZATION if team else ActorType.PERSON, name, email)
 
 
-def purl(row: Mapping[str, str], *, arch: str, distro_version: str) -> str:
-    """pkg:deb/debian/NAME@VERSION?arch=..&distro=debian-N, with `upstream=SRC` (or
-    SRC@VERSION when the source version differs) as the purl spec's deb type allows, so a
-    vulnerability scanner can match source-package advisories."""
-    qualifiers = {"arch": row.get("arch") or arch, "distro": f"debian-{distro_version}"}
+def purl(
+    row: Mapping[str, str], *, arch: str, distro_version: str, family: str = "debian",
+    purl_type: str = "deb",
+) -> str:
+    """pkg:deb/debian/NAME@VERSION?arch=..&distro=debian-N (the family's purl type and
+    name), with `upstream=SRC` (or SRC@VERSION when the source version differs) as the
+    purl spec's deb type allows, so a vulnerability scanner can match source-package
+    advisories."""
+    qualifiers = {"arch": row.get("arch") or arch, "distro": f"{family}-{distro_version}"}
     source, source_version = _source(row)
     if source and (source != row["package"] or source_version != row["version"]):
         same_version = source_version in ("", row["version"])
         qualifiers["upstream"] = source if same_version else f"{source}@{source_version}"
     return PackageURL(
-        type="deb",
-        namespace="debian",
+        type=purl_type,
+        namespace=family,
         name=row["package"],
         version=row["version"],
         qualifiers=qualifiers,
@@ -103,6 +107,8 @@ def document(
     distro_version: str,
     epoch: int,
     key: str,
+    family: str = "debian",
+    purl_type: str = "deb",
 ) -> Document:
     """The SPDX document of one cell; `packages` are its manifest rows, `key` names the
     build (the run's content key, or the epoch's date) and is the image's version."""
@@ -114,7 +120,7 @@ def document(
         version=key,
         files_analyzed=False,
         primary_package_purpose=PackagePurpose.OPERATING_SYSTEM,
-        comment=f"Bootable Debian image {cell} built by factory",
+        comment=f"Bootable {family.capitalize()} image {cell} built by factory",
     )
     debs: list[Package] = []
     used: set[str] = {image_id}
@@ -142,7 +148,13 @@ def document(
                     ExternalPackageRef(
                         ExternalPackageRefCategory.PACKAGE_MANAGER,
                         "purl",
-                        purl(row, arch=arch, distro_version=distro_version),
+                        purl(
+                            row,
+                            arch=arch,
+                            distro_version=distro_version,
+                            family=family,
+                            purl_type=purl_type,
+                        ),
                     )
                 ],
             )
@@ -174,10 +186,15 @@ def json_bytes(
     distro_version: str,
     epoch: int,
     key: str,
+    family: str = "debian",
+    purl_type: str = "deb",
 ) -> bytes:
     """The document as SPDX JSON with sorted keys; ValueError when it does not validate,
     so no invalid SBOM is ever written."""
-    doc = document(cell, packages, arch=arch, distro_version=distro_version, epoch=epoch, key=key)
+    doc = document(
+        cell, packages, arch=arch, distro_version=distro_version, epoch=epoch, key=key,
+        family=family, purl_type=purl_type,
+    )  # fmt: skip
     found = problems(doc)
     if found:
         more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""

@@ -24,6 +24,7 @@ class Family(Protocol):
     initramfs_command: tuple[str, ...]  # run in the chroot once the tree is configured
     clean_command: tuple[str, ...]  # run in the chroot last: package caches
     manifest_format: str
+    purl_type: str  # its packages' package-URL type (the namespace is the family's name)
 
     def version_of(self, release: str) -> str:
         """VERSION_ID of a release, as purls and SBOMs name it."""

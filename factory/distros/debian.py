@@ -437,6 +437,7 @@ class Debian:
     initramfs_command: tuple[str, ...] = ("update-initramfs", "-c", "-k", "all")
     clean_command: tuple[str, ...] = ("apt-get", "clean")
     manifest_format: str = "dpkg"
+    purl_type: str = "deb"
 
     def version_of(self, release: str) -> str:
         return version_of(release)
