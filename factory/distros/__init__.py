@@ -3,17 +3,18 @@
 A stage asks `get(family)` for the bootstrap command, the packages a boot method needs,
 how the initramfs is made, the package manifest, the clean-up and the EFI vendor folder;
 the schema asks it for release and package name rules. A new family is one module here
-that implements `Family`, listed in FAMILIES.
+with a `FAMILY` object that implements `Family`: it is found by looking, not by a list.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from factory.arches import BootMethod
-from factory.distros import debian
 
 
 class Family(Protocol):
@@ -83,7 +84,18 @@ class Family(Protocol):
         ...
 
 
-FAMILIES: dict[str, Family] = {"debian": debian.FAMILY}
+def _discover() -> dict[str, Family]:
+    """Every module of this package with a FAMILY, by its name."""
+    found: dict[str, Family] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        family = getattr(module, "FAMILY", None)
+        if family is not None:
+            found[family.name] = cast(Family, family)
+    return found
+
+
+FAMILIES: dict[str, Family] = _discover()
 
 
 def get(name: str) -> Family:

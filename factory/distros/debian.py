@@ -12,9 +12,13 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from factory import arches, proc
 from factory.arches import BootMethod
+
+if TYPE_CHECKING:
+    from factory.distros import Family
 
 # The kernel metapackage of each arch (factory.arches names the arches).
 KERNELS = {
@@ -490,4 +494,4 @@ class Debian:
         return await dpkg_manifest(tree)
 
 
-FAMILY = Debian()
+FAMILY: Family = Debian()  # mypy checks it against the protocol
