@@ -59,9 +59,14 @@ def read_request(line: str) -> Request:
 
 
 def validate_params(plan: Plan) -> None:
-    """The one place a received plan's jobs are checked beyond their shape; Refused says
-    what is wrong. Today: every key against its params (check_keys)."""
-    check_keys(plan)
+    """The one place a received plan's jobs are checked beyond their shape (each stage's
+    params belong here too); Refused says what is wrong, in one line. Today: every key
+    against its params (check_keys)."""
+    try:
+        check_keys(plan)
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        what = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise Refused(f"the plan's params cannot be checked ({' '.join(what.split())})") from None
 
 
 def check_keys(plan: Plan) -> None:

@@ -27,10 +27,11 @@ from factory.executors.protocol import (
     parse_event,
     remote_file,
 )
-from factory.plan import Job, make_plan
+from factory.plan import Job, job_key, make_plan
 from factory.results import Output, StageError
 from factory.scheduler import JobRun, Scheduler
 from factory.spec import Host, Matrix
+from factory.worker import Refused, read_request
 from tests.conftest import ROOT
 
 WORKER = ROOT / ".venv/bin/factory"
@@ -116,6 +117,21 @@ def test_a_go_line_names_a_job_of_the_plan() -> None:
         with pytest.raises(Malformed) as caught:
             Go.parse(line, jobs)
         assert str(caught.value).startswith("the controller sent ") and says in str(caught.value)
+
+
+def test_params_that_cannot_be_checked_are_refused_in_one_line(tmp_path: Path) -> None:
+    plan = make_plan(matrix())
+    rootfs = plan.jobs[0]
+    for hooks, says in [
+        ([{"name": "h"}], "the plan's params cannot be checked (KeyError: 'path')"),
+        ([{"name": "h", "path": str(tmp_path), "digest": "x"}], "hook h arrived different"),
+    ]:
+        params = {**rootfs.params, "hooks": hooks}
+        changed = rootfs.model_copy(update={"params": params, "key": job_key("rootfs", params, [])})
+        bad = plan.model_copy(update={"jobs": (changed, *plan.jobs[1:])})
+        with pytest.raises(Refused) as caught:
+            read_request(Request(plan=bad, dir="/d", cache="/c").line())
+        assert says in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_the_real_worker_refuses_a_malformed_request_in_one_line() -> None:
