@@ -18,8 +18,7 @@ from pathlib import Path
 
 import anyio
 
-from factory import proc
-from factory.distros import debian
+from factory import distros, proc
 from factory.spec import Cell, Matrix
 
 FETCH_SECONDS = 30
@@ -64,54 +63,38 @@ class CellArchive:
         return max(s.epoch for s in self.suites)
 
 
-def host_sources() -> tuple[str, bool]:
-    """The build machine's apt sources: (text, is deb822)."""
-    for path in debian.HOST_SOURCES:
-        p = Path(path)
-        if p.is_file():
-            return p.read_text(), p.suffix == ".sources"
-    raise ArchiveError(
-        'mirrors.debian = "host" but this machine has no '
-        f"{' or '.join(debian.HOST_SOURCES)} (set a mirror URL in the matrix)"
-    )
-
-
-def debian_sources(release: str, mirror: str, updates: bool, security: bool) -> str:
-    """deb822 sources of the Debian archive for `release`: the build machine's own
-    entries renamed to it ("host"), or the mirror URL's."""
-    if mirror == "host":
-        text, deb822 = host_sources()
-        try:
-            return debian.sources_for(
-                release, debian.parse_sources(text, deb822), updates, security
-            )
-        except debian.SourcesError as exc:
-            raise ArchiveError(f'mirrors.debian = "host": {exc}') from None
-    return debian.sources_for_url(release, mirror, updates, security)
+def family_sources(family: str, release: str, mirror: str, updates: bool, security: bool) -> str:
+    """The sources of a family's archive for `release`, or ArchiveError naming the setting."""
+    try:
+        return distros.get(family).sources(release, mirror, updates, security)
+    except ValueError as exc:
+        where = 'mirrors.debian = "host": ' if mirror == "host" else ""
+        raise ArchiveError(f"{where}{exc}") from None
 
 
 def cell_sources(matrix: Matrix, cell: Cell) -> str:
-    """The deb822 sources a cell's tree is built from: the Debian archive and the extra
+    """The sources a cell's tree is built from: the family's archive and the extra
     repositories."""
     m = matrix.mirrors
-    main = debian_sources(cell.distro.release, m.debian, m.updates, m.security)
+    family = distros.get(cell.distro.family)
+    main = family_sources(family.name, cell.distro.release, m.debian, m.updates, m.security)
     extra = [
-        debian.Stanza(
-            (apt_uri(x.uri),),
-            (x.suite,),
+        family.extra_source(
+            apt_uri(x.uri),
+            x.suite,
             x.components,
             _key(x.signed_by) if x.signed_by else None,
-            trusted=x.trusted,
-        ).render()
+            x.trusted,
+        )
         for x in m.extra
     ]
     return "\n".join([main, *extra])
 
 
-def _key(path: Path) -> str:
+def _key(path: Path) -> bytes:
     try:
-        return debian.embedded_key(path.read_bytes())
-    except (OSError, UnicodeDecodeError) as exc:
+        return path.read_bytes()
+    except OSError as exc:
         raise ArchiveError(f"{path}: cannot read the key ({exc})") from None
 
 
@@ -193,18 +176,11 @@ async def read_suite(uri: str, suite: str, components: tuple[str, ...]) -> Suite
     return Suite(matrix_uri(uri), suite, components, date, epoch, digest, url)
 
 
-def suites_of(sources: str) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(uri, suite, components) of every entry in deb822 sources, in order."""
-    return [
-        (uri, suite, st.components)
-        for st in debian.parse_sources(sources, True)
-        for uri in st.uris
-        for suite in st.suites
-    ]
-
-
-async def read_all(sources: Mapping[str, str]) -> dict[str, CellArchive]:
+async def read_all(
+    sources: Mapping[str, str], family: str = "debian"
+) -> dict[str, CellArchive]:
     """Every suite the cells' sources name, each read once, all at once."""
+    suites_of = distros.get(family).suites_of
     wanted = {s for text in sources.values() for s in suites_of(text)}
     found: dict[tuple[str, str, tuple[str, ...]], Suite] = {}
     errors: list[ArchiveError] = []
@@ -227,5 +203,9 @@ async def read_all(sources: Mapping[str, str]) -> dict[str, CellArchive]:
 
 
 async def read_matrix(matrix: Matrix) -> dict[str, CellArchive]:
-    """The archive state of every cell of the matrix."""
-    return await read_all({cell.id: cell_sources(matrix, cell) for cell in matrix.cells()})
+    """The archive state of every cell of the matrix, each family's suites read at once."""
+    found: dict[str, CellArchive] = {}
+    for family in dict.fromkeys(c.distro.family for c in matrix.cells()):
+        cells = [c for c in matrix.cells() if c.distro.family == family]
+        found.update(await read_all({c.id: cell_sources(matrix, c) for c in cells}, family))
+    return found

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
+import inspect
 import json
 import sys
 import tempfile
@@ -30,8 +32,28 @@ app = typer.Typer(
 cache_app = typer.Typer(no_args_is_help=True, help="The tree cache.")
 app.add_typer(cache_app, name="cache")
 
-MatrixArg = Annotated[Path, typer.Argument(help="the matrix file (TOML)", show_default=False)]
+MatrixArg = Annotated[
+    Path, typer.Argument(metavar="MATRIX", help="the matrix file (TOML)", show_default=False)
+]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="tree cache folder")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"factory {importlib.metadata.version('factory')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Options of factory itself, before the command."""
 
 
 def fail_usage(message: str) -> typer.Exit:
@@ -110,8 +132,10 @@ def plan_cmd(
 @app.command()
 def run(
     matrix: MatrixArg,
-    out: Annotated[Path | None, typer.Option(help="output folder [default: out/NAME]")] = None,
-    jobs: Annotated[int | None, typer.Option(min=1, help="jobs at once [default: cores]")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder", show_default="out/NAME")] = None,
+    jobs: Annotated[
+        int | None, typer.Option(min=1, help="jobs at once", show_default="the cores")
+    ] = None,
     only: Annotated[list[str] | None, typer.Option(help="only cells or jobs matching GLOB")] = None,
     fail_fast: Annotated[bool, typer.Option(help="stop everything at the first failure")] = False,
     events: Annotated[
@@ -167,7 +191,10 @@ def clean(cache: CacheOpt = DEFAULT_CACHE) -> None:
 
 @app.command()
 def boot(
-    image: Annotated[Path, typer.Argument(help="a disk image (raw, qcow2, vhd, vmdk, vdi, ...)")],
+    image: Annotated[
+        Path,
+        typer.Argument(metavar="IMAGE", help="a disk image (raw, qcow2, vhd, vmdk, vdi, ...)"),
+    ],
     arch: Annotated[str, typer.Option(help="the image's architecture")] = "amd64",
     firmware: Annotated[
         Literal["bios", "uefi", "uefi-secureboot"], typer.Option(help="how to boot it")
@@ -258,8 +285,12 @@ def cache_prune(
 
 @app.command()
 def diff(
-    old: Annotated[Path, typer.Argument(help="an earlier output folder", show_default=False)],
-    new: Annotated[Path, typer.Argument(help="a later output folder", show_default=False)],
+    old: Annotated[
+        Path, typer.Argument(metavar="OLD", help="an earlier output folder", show_default=False)
+    ],
+    new: Annotated[
+        Path, typer.Argument(metavar="NEW", help="a later output folder", show_default=False)
+    ],
 ) -> None:
     """Print which packages were added, removed and changed from OLD to NEW, per cell."""
     from factory import changes
@@ -276,6 +307,24 @@ def worker() -> None:
     from factory import worker as remote_worker
 
     raise typer.Exit(remote_worker.main())
+
+
+def reflow(doc: str) -> str:
+    """A docstring as help: each paragraph on one line, for the terminal to wrap."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+def _whole_sentences(*groups: typer.Typer) -> None:
+    """Typer's rich help shows a docstring's line breaks as they are (in the command list
+    and after the first paragraph), so a sentence broke where its source line ended."""
+    for group in groups:
+        for info in group.registered_commands:
+            if info.help is None and info.callback is not None and info.callback.__doc__:
+                info.help = reflow(info.callback.__doc__)
+
+
+_whole_sentences(app, cache_app)
 
 
 def main() -> None:

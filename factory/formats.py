@@ -11,9 +11,9 @@ qcow2 zlib or vmdk (each about 23 s): zstd is the cheap qcow2 (3.5 s, smaller to
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 Source = Literal["disk", "tree"]
 
@@ -70,28 +70,67 @@ TREE_FORMATS = tuple(name for name, f in FORMATS.items() if f.source == "tree")
 # qcow2's cost depends on its compression far more than on anything else.
 QCOW2_COST = {"zlib": 23.0, "zstd": 3.5, "none": 1.0}
 
-# Rough CPU seconds of the other kinds of job on a warm cache (a cold rootfs or finalise
-# dominates everything anyway, and nothing waits beside them).
-KIND_COST = {"rootfs": 60.0, "finalise": 20.0, "assemble": 3.0, "boot": 40.0}
+_ON_OFF = ("on", "off")
+
+
+def _power_of_two(low: int, high: int) -> Callable[[str], bool]:
+    return lambda v: v.isdigit() and low <= int(v) <= high and int(v) & (int(v) - 1) == 0
+
+
+# What [image.qemu_img_options] may pass to `qemu-img convert -o`, per format: each name
+# with its values (a tuple) or a check and how to say it. Left out: what makes several
+# files (vmdk flat extents), points outside the image (backing and data files), encrypts,
+# or undoes what factory relies on (vhd's force_size, preallocated qcow2s).
+QemuOption = tuple[str, ...] | tuple[Callable[[str], bool], str]
+QEMU_IMG_OPTIONS: dict[str, dict[str, QemuOption]] = {
+    "qcow2": {
+        "compat": ("0.10", "1.1", "v2", "v3"),
+        "cluster_size": (_power_of_two(512, 2 * 1024 * 1024), "a power of two, 512 to 2097152"),
+        "lazy_refcounts": _ON_OFF,
+        "refcount_bits": ("1", "2", "4", "8", "16", "32", "64"),
+        "extended_l2": _ON_OFF,
+        "preallocation": ("off", "metadata"),
+    },
+    "vhd": {"subformat": ("dynamic", "fixed")},
+    "vmdk": {
+        "subformat": ("streamOptimized", "monolithicSparse"),
+        "adapter_type": ("ide", "lsilogic", "buslogic", "legacyESX"),
+        "hwversion": (lambda v: v.isdigit() and 4 <= int(v) <= 21, "a number, 4 to 21"),
+        "toolsversion": (str.isdigit, "a number"),
+        "compat6": _ON_OFF,
+    },
+    "vdi": {"static": _ON_OFF},
+}
+# Options qcow2 has only from compat 1.1 (v3) on; the default compat is 1.1.
+QCOW2_V3_ONLY = {"lazy_refcounts": "on", "extended_l2": "on"}
+
+
+def check_qemu_img_option(fmt: str, name: str, value: str) -> None:
+    """ValueError (its message lists what is valid) unless `name=value` is an option
+    factory passes to qemu-img for `fmt`."""
+    known = QEMU_IMG_OPTIONS.get(fmt)
+    if known is None:
+        raise ValueError(
+            f"format {fmt!r} takes no qemu-img options (formats with options: "
+            f"{', '.join(QEMU_IMG_OPTIONS)})"
+        )
+    if name not in known:
+        raise ValueError(
+            f"{fmt} has no option {name!r} factory passes to qemu-img (valid: "
+            f"{', '.join(known)})"
+        )
+    rule = known[name]
+    if isinstance(rule[0], str):
+        if value not in rule:
+            raise ValueError(
+                f"{fmt} option {name} = {value!r} is not valid (valid: {', '.join(map(str, rule))})"
+            )
+    elif not rule[0](value):
+        raise ValueError(f"{fmt} option {name} = {value!r} is not valid (give {rule[1]})")
 
 
 def get(name: str) -> Format:
     return FORMATS[name]
-
-
-def job_cost(kind: str, params: Mapping[str, Any]) -> float:
-    """A job's rough CPU seconds, for ordering work (longest chains first), never for
-    promises: only the order of these numbers matters."""
-    if kind in KIND_COST:
-        return KIND_COST[kind]
-    fmt = FORMATS.get(str(params.get("format")))
-    if fmt is None:
-        return 2.0
-    if kind == "publish":
-        return 1.0 if fmt.name != "raw" else fmt.cost  # hashing; raw is read whole
-    if fmt.name == "qcow2":
-        return QCOW2_COST.get(str(params.get("compression")), fmt.cost)
-    return fmt.cost
 
 
 _AC_RUN = re.compile(r"[^a-z0-9]+")

@@ -1,34 +1,74 @@
-"""Partition layouts as pure data, and the sfdisk scripts made from them."""
+"""Partition layouts as data, the boot methods they allow, and the sfdisk scripts made from them.
+
+A layout is a list of partitions (role, size, type, filesystem, mount point, flags). What
+boots a disk follows from its partitions and its arch (`boot_methods`): a BIOS boot
+partition on a GPT means bios-gpt, an ESP means uefi, a PReP partition means prep, a dos
+label on an arch whose BIOS reads an MBR means bios-mbr. The stages branch on those
+methods, never on a layout's name, and the assemble job's params carry the layout's data,
+so its key covers every partition.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
-from factory import repro
+from pydantic import BaseModel, ConfigDict
+
+from factory import arches, repro
+from factory.arches import BootMethod
 
 MiB = 1024 * 1024
 SECTOR = 512
 
 Role = Literal["root", "prep", "esp", "bios"]
+Flag = Literal["bootable"]
 
 
-@dataclass(frozen=True)
-class Partition:
+class Partition(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     role: Role
     type: str  # sfdisk type: MBR hex code or GPT type GUID
     size_mib: int | None  # None: to the end of the disk
-    bootable: bool = False
-    name: str = ""
+    filesystem: str | None = None  # None: the image's filesystem for root; raw for the others
+    mountpoint: str | None = None
+    flags: tuple[Flag, ...] = ()
+    name: str = ""  # the GPT partition name
+
+    @property
+    def bootable(self) -> bool:
+        return "bootable" in self.flags
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     name: str
     label: Literal["dos", "gpt"]
     partitions: tuple[Partition, ...]
     first_mib: int = 1
     doc: str = ""
+
+    def roles(self) -> set[str]:
+        return {p.role for p in self.partitions}
+
+    def boot_methods(self, arch: str) -> tuple[BootMethod, ...]:
+        """How firmware of `arch` can boot a disk of this layout, the arch's preferred first;
+        none: the layout does not fit the arch."""
+        roles = self.roles()
+        found: set[BootMethod] = set()
+        if "esp" in roles and self.label == "gpt":
+            found.add("uefi")
+        if "bios" in roles and self.label == "gpt":
+            found.add("bios-gpt")
+        if "prep" in roles:
+            found.add("prep")
+        if self.label == "dos" and "prep" not in roles:
+            found.add("bios-mbr")
+        return tuple(m for m in arches.get(arch).boot_methods if m in found)
+
+    def fits(self, arch: str) -> bool:
+        return bool(self.boot_methods(arch))
 
     def overhead_mib(self) -> int:
         """Disk space besides the root partition: start gap, fixed partitions, GPT backup."""
@@ -47,6 +87,10 @@ class Layout:
             out[p.role] = (pos, size)
             pos += size
         return out
+
+    def number(self, role: Role) -> int:
+        """The partition number (from 1) of the partition of `role`."""
+        return [p.role for p in self.partitions].index(role) + 1
 
     def sfdisk_script(self, disk_bytes: int, seed: str | None = None) -> str:
         """The table for sfdisk; with `seed` (the job's key) the identifiers sfdisk would
@@ -83,41 +127,58 @@ def part_uuid(seed: str, role: Role) -> str:
     return str(repro.seeded_uuid(seed, f"gpt-part-{role}")).upper()
 
 
+ROOT = {"dos": "83", "gpt": "0FC63DAF-8483-4772-8E79-3D69D8477DE4"}
+BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+
 LAYOUTS: dict[str, Layout] = {
-    "mbr": Layout(
-        "mbr",
-        "dos",
-        (Partition("root", "83", None, bootable=True),),
-        doc="dos label, one bootable Linux partition from 1 MiB (x86 BIOS)",
-    ),
-    "ppc-prep": Layout(
-        "ppc-prep",
-        "dos",
-        (Partition("prep", "41", 8, bootable=True), Partition("root", "83", None)),
-        doc="dos label, 8 MiB PReP boot partition, then root (ppc64el)",
-    ),
-    "gpt-efi": Layout(
-        "gpt-efi",
-        "gpt",
-        (
-            Partition("bios", "21686148-6449-6E6F-744E-656564454649", 1, name="bios"),
-            Partition("esp", "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", 64, name="esp"),
-            Partition("root", "0FC63DAF-8483-4772-8E79-3D69D8477DE4", None, name="root"),
+    lay.name: lay
+    for lay in (
+        Layout(
+            name="mbr",
+            label="dos",
+            partitions=(
+                Partition(
+                    role="root",
+                    type=ROOT["dos"],
+                    size_mib=None,
+                    mountpoint="/",
+                    flags=("bootable",),
+                ),
+            ),
+            doc="dos label, one bootable Linux partition from 1 MiB (x86 BIOS)",
         ),
-        doc="GPT: BIOS boot, EFI system partition, root (UEFI and BIOS)",
-    ),
+        Layout(
+            name="ppc-prep",
+            label="dos",
+            partitions=(
+                Partition(role="prep", type="41", size_mib=8, flags=("bootable",)),
+                Partition(role="root", type=ROOT["dos"], size_mib=None, mountpoint="/"),
+            ),
+            doc="dos label, 8 MiB PReP boot partition, then root (ppc64el)",
+        ),
+        Layout(
+            name="gpt-efi",
+            label="gpt",
+            partitions=(
+                Partition(role="bios", type=BIOS_BOOT, size_mib=1, name="bios"),
+                Partition(role="esp", type=ESP, size_mib=64, filesystem="vfat", name="esp"),
+                Partition(
+                    role="root", type=ROOT["gpt"], size_mib=None, mountpoint="/", name="root"
+                ),
+            ),
+            doc="GPT: BIOS boot, EFI system partition, root (UEFI and BIOS)",
+        ),
+    )
 }
 
-# Which layouts can boot on which architecture; the first is what "auto" picks.
-ARCH_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "amd64": ("mbr", "gpt-efi"),
-    "ppc64el": ("ppc-prep",),
-}
 
-ARCHES = tuple(ARCH_LAYOUTS)
+def fitting(arch: str) -> tuple[str, ...]:
+    """The layouts that can boot on `arch`, its default first."""
+    default = arches.get(arch).default_layout
+    return (default, *(n for n, lay in LAYOUTS.items() if n != default and lay.fits(arch)))
 
 
 def resolve(layout: str, arch: str) -> Layout:
     """The layout a cell uses: `auto` is the arch's default."""
-    name = ARCH_LAYOUTS[arch][0] if layout == "auto" else layout
-    return LAYOUTS[name]
+    return LAYOUTS[arches.get(arch).default_layout if layout == "auto" else layout]

@@ -16,7 +16,7 @@ import anyio
 
 from factory import changes, outstate, sbom
 from factory.distros import debian
-from factory.fsutil import write_if_changed
+from factory.fsutil import write_if_changed_async
 from factory.plan import Job, Plan
 from factory.scheduler import JobRun
 
@@ -87,7 +87,7 @@ async def record(
                 per_cell[cell] = changes.Changes()
             cells[cell] = info
             continue
-        rows = read_rows(out / info["manifest"])
+        rows = await anyio.to_thread.run_sync(read_rows, out / info["manifest"])  # read + parse
         if rows is None:  # finalised, but its manifest did not reach OUT
             cells[cell] = info
             continue
@@ -107,7 +107,7 @@ async def record(
                     key=final.key,
                 )
             )
-            write_if_changed(out / sbom_name(cell), data)
+            await write_if_changed_async(out / sbom_name(cell), data)
             info["sbom"] = sbom_name(cell)
         except (OSError, ValueError) as exc:  # a full disk: the report is written all the same
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -116,9 +116,10 @@ async def record(
     return cells, per_cell
 
 
-def write_changes(
+async def write_changes(
     out: Path, matrix: str, per_cell: Mapping[str, changes.Changes | None], since: float | None
 ) -> None:
+    """CHANGES.md, rewritten only when its text changed (a no-op night leaves it as it is)."""
     stamp = outstate.utc(since) if since else None
     text = changes.markdown(f"{matrix}: changes since the previous run", dict(per_cell), stamp)
-    write_if_changed(out / CHANGES_MD, text.encode())
+    await write_if_changed_async(out / CHANGES_MD, text.encode())

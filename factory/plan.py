@@ -1,8 +1,9 @@
 """Matrix → Plan: the DAG of jobs, each with a content key.
 
-Pure: no I/O but hashing the hook folders. A job's key is the sha256 of its kind, its
-recipe version, its parameters and its dependencies' keys, so the same inputs give the
-same key on every run and machine, and the cache knows what it already has.
+Pure: no I/O but hashing the hook folders (and, once, the stages' code). Each job's
+params are its stage's typed `Params`; its key is the sha256 of its kind, its stage's
+recipe and code fingerprint, its params and its dependencies' keys, so the same inputs
+and code give the same key on every run and machine, and the cache knows what it has.
 """
 
 from __future__ import annotations
@@ -16,16 +17,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from factory import formats
+from factory import arches, distros, formats
 from factory.archive import CellArchive
-from factory.distros import debian
 from factory.spec import Cell, Matrix
+from factory.stages import (
+    StageParams,
+    assemble,
+    boot,
+    convert,
+    finalise,
+    pack,
+    publish,
+    registry,
+    rootfs,
+)
 
 Kind = Literal["rootfs", "finalise", "assemble", "convert", "pack", "publish", "boot"]
 KINDS: tuple[Kind, ...] = ("rootfs", "finalise", "assemble", "convert", "pack", "publish", "boot")
-
-# Bump a kind's recipe when its stage changes what it produces: old cache entries stop matching.
-RECIPES: dict[str, int] = {**{kind: 1 for kind in KINDS}, "finalise": 2}
 
 # Parameters that say where an input lives, not what it is: left out of keys. A tree's
 # sources name mirrors; the archive state's digests say what they held.
@@ -91,12 +99,14 @@ def _strip_locations(value: Any) -> Any:
     return value
 
 
-def job_key(kind: str, params: dict[str, Any], dep_keys: Iterable[str]) -> str:
+def job_key(kind: str, params: Mapping[str, Any], dep_keys: Iterable[str]) -> str:
+    stage = registry.get(kind)
     blob = json.dumps(
         {
             "kind": kind,
-            "recipe": RECIPES[kind],
-            "params": _strip_locations(params),
+            "recipe": stage.recipe,
+            "code": registry.fingerprint(kind),
+            "params": _strip_locations(dict(params)),
             "deps": sorted(dep_keys),
         },
         sort_keys=True,
@@ -130,10 +140,11 @@ class _Builder:
         self.keys: dict[str, str] = {}
 
     def add(
-        self, kind: Kind, cell: Cell, deps: Iterable[str], params: dict[str, Any], suffix: str = ""
+        self, kind: Kind, cell: Cell, deps: Iterable[str], typed: StageParams, suffix: str = ""
     ) -> str:
         jid = f"{kind}:{cell.id}" + (f":{suffix}" if suffix else "")
         dep_ids = tuple(deps)
+        params = typed.model_dump(mode="json")
         key = job_key(kind, params, (self.keys[d] for d in dep_ids))
         self.jobs.append(
             Job(
@@ -162,143 +173,161 @@ def cell_epoch(matrix: Matrix, state: CellArchive | None) -> int:
 
 
 def _cell_jobs(
-    b: _Builder, cell: Cell, hooks: list[dict[str, str]], state: CellArchive | None
+    b: _Builder, cell: Cell, hooks: list[finalise.Hook], state: CellArchive | None
 ) -> None:
     m = b.matrix
     epoch = cell_epoch(m, state)
+    family = distros.get(cell.distro.family)
     layouts = m.layouts_for(cell.arch)
+    # What boots each disk; the tree carries the boot loaders of them all.
+    methods = {lay.name: lay.boot_methods(cell.arch) for lay in layouts}
+    every_method = tuple(dict.fromkeys(x for ms in methods.values() for x in ms))
     wanted = [formats.get(f) for f in m.formats]
     disk_formats = [f for f in wanted if f.source == "disk"]
     tree_formats = [f for f in wanted if f.source == "tree"]
 
-    rootfs = b.add(
+    rootfs_job = b.add(
         "rootfs",
         cell,
         (),
-        {
-            "family": cell.distro.family,
-            "release": cell.distro.release,
-            "arch": cell.arch,
-            "packages": debian.packages_for(
-                cell.distro.release, cell.arch, [lay.name for lay in layouts], m.image.packages
+        rootfs.Params(
+            family=cell.distro.family,
+            release=cell.distro.release,
+            arch=cell.arch,
+            packages=tuple(
+                family.packages(cell.distro.release, cell.arch, every_method, m.image.packages)
             ),
-            "mirror": m.mirrors.debian,
-            "updates": m.mirrors.updates,
-            "security": m.mirrors.security,
-            "epoch": epoch,
+            mirror=m.mirrors.debian,
+            updates=m.mirrors.updates,
+            security=m.mirrors.security,
+            epoch=epoch,
             **(
-                {"sources": state.sources, "archive": [s.to_json() for s in state.suites]}
+                {
+                    "sources": state.sources,
+                    "archive": tuple(
+                        rootfs.SuiteState.model_validate(s.to_json()) for s in state.suites
+                    ),
+                }
                 if state is not None
                 else {}
             ),
-        },
+        ),
     )
-    rootfs_key = b.keys[rootfs]
+    rootfs_key = b.keys[rootfs_job]
     root_uuid = str(uuid.uuid5(_UUID_NAMESPACE, f"root:{cell.id}:{rootfs_key}"))
-    finalise = b.add(
+    finalise_job = b.add(
         "finalise",
         cell,
-        (rootfs,),
-        {
-            "family": cell.distro.family,
-            "release": cell.distro.release,
-            "arch": cell.arch,
-            "layouts": [lay.name for lay in layouts],
-            "root_uuid": root_uuid,
-            "filesystem": m.image.filesystem,
-            "image_name": cell.id,
-            "hooks": hooks,
-            "manifest": f"{cell.id}/{cell.id}.manifest.json",
-            "epoch": epoch,
-        },
+        (rootfs_job,),
+        finalise.Params(
+            family=cell.distro.family,
+            release=cell.distro.release,
+            arch=cell.arch,
+            boot=every_method,
+            root_uuid=root_uuid,
+            filesystem=m.image.filesystem,
+            image_name=cell.id,
+            hooks=tuple(hooks),
+            manifest=f"{cell.id}/{cell.id}.manifest.json",
+            epoch=epoch,
+        ),
     )
 
-    def publish(source: str, fmt: formats.Format, layout: str = "") -> None:
+    def publish_job(source: str, fmt: formats.Format, layout: str = "") -> None:
         b.add(
             "publish",
             cell,
             (source,),
-            {
-                "format": fmt.name,
-                "source": "disk" if fmt.source == "disk" else "tree",
-                "name": f"{cell.id}/{artifact_name(cell, fmt.name, layout)}",
-                "qemu": fmt.qemu,
-                **({"layout": layout} if layout else {}),
-            },
+            publish.Params(
+                format=fmt.name,
+                source="disk" if fmt.source == "disk" else "tree",
+                name=f"{cell.id}/{artifact_name(cell, fmt.name, layout)}",
+                qemu=fmt.qemu,
+                layout=layout,
+            ),
             f"{fmt.name}-{layout}" if layout else fmt.name,
         )
 
+    arch = arches.get(cell.arch)
     for layout in layouts if disk_formats or m.image.boot_test else ():
         # With several layouts, each disk's jobs and files carry its layout's name.
         named = layout.name if len(layouts) > 1 else ""
-        assemble = b.add(
+        assemble_job = b.add(
             "assemble",
             cell,
-            (finalise,),
-            {
-                "arch": cell.arch,
-                "layout": layout.name,
-                "size": m.image.size,
-                "extra_size": m.image.extra_size,
-                "filesystem": m.image.filesystem,
-                "root_uuid": root_uuid,
-                "epoch": epoch,
-            },
+            (finalise_job,),
+            assemble.Params(
+                family=cell.distro.family,
+                arch=cell.arch,
+                layout=layout,
+                boot=methods[layout.name],
+                size=m.image.size,
+                extra_size=m.image.extra_size,
+                filesystem=m.image.filesystem,
+                root_uuid=root_uuid,
+                epoch=epoch,
+            ),
             named,
         )
         for fmt in disk_formats:
             if fmt.name == "raw":
-                publish(assemble, fmt, named)
+                publish_job(assemble_job, fmt, named)
                 continue
-            convert = b.add(
+            convert_job = b.add(
                 "convert",
                 cell,
-                (assemble,),
-                {
-                    "format": fmt.name,
-                    "qemu": fmt.qemu,
-                    "compression": m.image.qcow2_compression if fmt.name == "qcow2" else None,
-                    "vhd_subformat": m.image.vhd_subformat if fmt.name == "vhd" else None,
-                    "epoch": epoch,
-                    "artifact": artifact_name(cell, fmt.name, named),
-                },
+                (assemble_job,),
+                convert.Params(
+                    format=fmt.name,
+                    qemu=fmt.qemu,
+                    compression=m.image.qcow2_compression if fmt.name == "qcow2" else None,
+                    vhd_subformat=m.image.vhd_subformat if fmt.name == "vhd" else None,
+                    options=m.image.qemu_img_options.get(fmt.name, {}),
+                    epoch=epoch,
+                    artifact=artifact_name(cell, fmt.name, named),
+                ),
                 f"{fmt.name}-{named}" if named else fmt.name,
             )
-            publish(convert, fmt, named)
+            publish_job(convert_job, fmt, named)
         if m.image.boot_test:
+            # UEFI where the disk has it (the arch's preferred method comes first).
             b.add(
                 "boot",
                 cell,
-                (assemble,),
-                {
-                    "arch": cell.arch,
-                    "layout": layout.name,
-                    "timeout": m.image.boot_timeout,
-                },
+                (assemble_job,),
+                boot.Params(
+                    arch=cell.arch,
+                    boot=methods[layout.name][0],
+                    layout=layout.name,
+                    timeout=m.image.boot_timeout,
+                ),
                 named,
             )
+    del arch
     for fmt in tree_formats:
-        pack = b.add(
+        pack_job = b.add(
             "pack",
             cell,
-            (finalise,),
-            {
-                "format": fmt.name,
-                "arch": cell.arch,
-                "image_name": cell.id,
-                "docker_tag": m.image.docker_tag
+            (finalise_job,),
+            pack.Params(
+                format=fmt.name,
+                arch=cell.arch,
+                image_name=cell.id,
+                docker_tag=m.image.docker_tag
                 or f"{m.name}/{cell.distro.family}:{cell.distro.release}-{cell.arch}",
-                "epoch": epoch,
-            },
+                epoch=epoch,
+            ),
             fmt.name,
         )
-        publish(pack, fmt)
+        publish_job(pack_job, fmt)
 
 
 def make_plan(matrix: Matrix, archive: Mapping[str, CellArchive] | None = None) -> Plan:
     """The whole DAG for a matrix: one rootfs per cell, shared by all of its outputs.
     `archive` is each cell's archive state (factory.archive), read before planning."""
-    hooks = [{"name": p.name, "digest": hook_digest(p), "path": str(p)} for p in matrix.image.hooks]
+    hooks = [
+        finalise.Hook(name=p.name, digest=hook_digest(p), path=str(p)) for p in matrix.image.hooks
+    ]
     b = _Builder(matrix)
     for cell in matrix.cells():
         _cell_jobs(b, cell, hooks, (archive or {}).get(cell.id))

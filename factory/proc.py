@@ -16,13 +16,16 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
-from typing import IO
 
+import aiofiles
+import aiofiles.threadpool
 import anyio
+from aiofiles.threadpool.binary import AsyncFileIO
 from anyio.abc import ByteReceiveStream, Process
 
 from factory import state
@@ -63,34 +66,60 @@ class Completed:
 class JobLog:
     """A job's log file; `run()` writes commands and output into the one set for the task.
 
+    A command's output, the bulk of a log, goes through aiofiles (`put`): one write per
+    chunk its pipes give, in a worker thread, so a slow disk does not stall the event loop.
+    Notes and the `$ command` lines are single short writes made at once (`write`), which
+    sync callers can make too. The file is unbuffered and opened for appending: every
+    write is one append, whole, whichever thread makes it.
+
     Writing it never raises: a log on a full disk must not turn a job's clear failure
     (or a whole run) into an OSError. The first error is kept in `error`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh: IO[str] | None = None
+        self._fh: FileIO | None = None
+        self._async: AsyncFileIO | None = None
         self.error: OSError | None = None
 
     def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115 (closed by close())
+            self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
         except OSError as exc:
             self.error = exc
+            return
+        self._async = aiofiles.threadpool.wrap(self._fh)
 
     def close(self) -> None:
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
-            self._fh = None
+        self._fh = self._async = None
+
+    def _failed(self, exc: OSError) -> None:
+        """No more writes; the file is closed by close() alone, when no put() is running
+        (closing it under a put in a worker thread could let that write reach another file
+        that took the same descriptor)."""
+        self.error = self.error or exc
+        self._async = None
 
     def write(self, text: str) -> None:
-        if self._fh is not None:
+        if self._fh is not None and self._async is not None:
             try:
-                self._fh.write(text if text.endswith("\n") else text + "\n")
+                self._fh.write(_encode([text]))
             except OSError as exc:
-                self.error = self.error or exc
-                self.close()
+                self._failed(exc)
+
+    async def put(self, lines: Sequence[str]) -> None:
+        """Lines in one write through aiofiles. Shielded: a cancel waits for the write to
+        land, so no worker thread writes into the file after it is closed."""
+        if self._async is None or not lines:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._async.write(_encode(lines))
+            except OSError as exc:
+                self._failed(exc)
 
     def tail(self, lines: int = TAIL_LINES) -> list[str]:
         try:
@@ -98,6 +127,25 @@ class JobLog:
                 return [line.rstrip("\n") for line in deque(fh, maxlen=lines)]
         except OSError:
             return []
+
+    async def tail_async(self, lines: int = TAIL_LINES, window: int = 64 * 1024) -> list[str]:
+        """tail() from the event loop, through aiofiles: only the log's last `window` bytes
+        are read (a tree's build log runs to megabytes)."""
+        try:
+            async with aiofiles.open(self.path, "rb") as fh:
+                end = await fh.seek(0, os.SEEK_END)
+                await fh.seek(max(0, end - window))
+                data = await fh.read()
+        except OSError:
+            return []
+        text = data.decode(errors="replace").splitlines()
+        if end > window:
+            text = text[1:]  # the first line read may be the end of a longer one
+        return text[-lines:]
+
+
+def _encode(lines: Iterable[str]) -> bytes:
+    return "".join(t if t.endswith("\n") else t + "\n" for t in lines).encode(errors="replace")
 
 
 current_log: ContextVar[JobLog | None] = ContextVar("current_log", default=None)
@@ -143,27 +191,23 @@ async def _drain(
         *lines, pending = pending.split(b"\n")
         texts = [raw.decode(errors="replace").rstrip("\r") for raw in lines]
         if keep is None:
-            for line in texts:
-                if log is not None:
-                    log.write(line)
-                if tail is not None:
-                    tail.append(line)
+            await _record(texts, log, tail)
         if until is not None and found is not None:
             partial = pending.decode(errors="replace")
             if any(until.search(t) for t in texts) or until.search(partial):
                 if partial and keep is None:  # a prompt ends without a newline: keep it
-                    if log is not None:
-                        log.write(partial)
-                    if tail is not None:
-                        tail.append(partial)
+                    await _record([partial], log, tail)
                 found()
                 return
     if pending and keep is None:
-        line = pending.decode(errors="replace")
-        if log is not None:
-            log.write(line)
-        if tail is not None:
-            tail.append(line)
+        await _record([pending.decode(errors="replace")], log, tail)
+
+
+async def _record(lines: list[str], log: JobLog | None, tail: deque[str] | None) -> None:
+    if tail is not None:
+        tail.extend(lines)
+    if log is not None:
+        await log.put(lines)
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:

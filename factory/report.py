@@ -7,7 +7,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from factory.fsutil import atomic_write
+import aiofiles
+
+from factory.fsutil import atomic_write_async
 from factory.scheduler import JobRun
 
 
@@ -20,7 +22,7 @@ def artifacts(runs: Iterable[JobRun]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda a: a["path"])
 
 
-def write(
+async def write(
     out: Path,
     matrix: str,
     started: float,
@@ -65,17 +67,20 @@ def write(
         ],
         "artifacts": sorted([*artifacts(runs), *carried_artifacts], key=lambda a: a["path"]),
     }
-    atomic_write(out / "report.json", json.dumps(report, indent=2, sort_keys=False) + "\n")
-    atomic_write(out / "SHA256SUMS", _sums(out, report["artifacts"]))
+    text = json.dumps(report, indent=2, sort_keys=False) + "\n"
+    await atomic_write_async(out / "report.json", text)
+    await atomic_write_async(out / "SHA256SUMS", await _sums(out, report["artifacts"]))
     return report
 
 
-def _sums(out: Path, built: list[dict[str, Any]]) -> str:
+async def _sums(out: Path, built: list[dict[str, Any]]) -> str:
     """This run's artifacts, and those of earlier runs into OUT (e.g. with --only) whose
     files are still there and were not rebuilt now."""
     sums = {a["path"]: a["sha256"] for a in built}
     try:
-        for line in (out / "SHA256SUMS").read_text().splitlines():
+        async with aiofiles.open(out / "SHA256SUMS", encoding="utf-8") as fh:
+            before = await fh.read()
+        for line in before.splitlines():
             digest, _, path = line.partition("  ")
             if path and path not in sums and (out / path).is_file():
                 sums[path] = digest

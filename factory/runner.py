@@ -293,7 +293,7 @@ async def _record(
     (the signature last: it covers the SHA256SUMS just written)."""
     by_id = {r.job.id: r for r in runs}
     cells, per_cell = await nightly.record(whole, by_id, before, previous, opts.out)
-    report.write(
+    await report.write(
         opts.out,
         matrix.name,
         started,
@@ -305,7 +305,7 @@ async def _record(
         cells=cells,
     )
     since = (previous or {}).get("finished")
-    nightly.write_changes(
+    await nightly.write_changes(
         opts.out, matrix.name, per_cell, since if isinstance(since, int | float) else None
     )
     if matrix.sign is not None:

@@ -20,11 +20,11 @@ from typing import Any, Literal, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from factory import formats
 from factory.events import Bus, Event, EventKind
 from factory.plan import Job, Plan
 from factory.proc import CommandError, logging_to
 from factory.results import Output, StageError
+from factory.stages import registry
 
 Status = Literal["done", "failed", "skipped", "cancelled"]
 
@@ -104,7 +104,7 @@ def ranks(plan: Plan) -> dict[str, float]:
     def of(jid: str) -> float:
         if jid not in rank:
             after = max((of(c) for c in children[jid]), default=0.0)
-            rank[jid] = formats.job_cost(jobs[jid].kind, jobs[jid].params) + after
+            rank[jid] = registry.cost(jobs[jid].kind, jobs[jid].params) + after
         return rank[jid]
 
     for job in plan.jobs:
@@ -203,15 +203,15 @@ class Scheduler:
                 run.status, run.finished = "failed", time.time()
                 run.host = executor.host  # a remote job may have moved to another host
                 if isinstance(exc, CommandError):
-                    log.write(f"# {exc}")
+                    await log.put([f"# {exc}"])
                     run.error, run.tail = str(exc), exc.tail
                 elif isinstance(exc, StageError):
-                    log.write(f"# {exc}")
-                    run.error, run.tail = str(exc), log.tail()
+                    await log.put([f"# {exc}"])
+                    run.error, run.tail = str(exc), await log.tail_async()
                 else:
-                    log.write(traceback.format_exc())
+                    await log.put([traceback.format_exc()])
                     run.error = f"{type(exc).__name__}: {exc}"
-                    run.tail = log.tail()
+                    run.tail = await log.tail_async()
                 self._emit("failed", run, run.error, tail=run.tail)
                 if self.fail_fast and self._group is not None:
                     self._group.cancel_scope.cancel()

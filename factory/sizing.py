@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+
 from factory.layouts import Layout, MiB
 
 JOURNAL = 64 * MiB  # mkfs -J size=64, as diskimage-builder
@@ -51,6 +53,12 @@ def measure(tree: Path) -> TreeUsage:
             allocated += st.st_blocks * 512
             entries += 1
     return TreeUsage(allocated, entries + 1)
+
+
+async def measure_async(tree: Path) -> TreeUsage:
+    """measure() in a worker thread: a walk of a big tree takes seconds, and on the event
+    loop it would stall every other job and the SSH keepalives."""
+    return await anyio.to_thread.run_sync(measure, tree)
 
 
 def round_mib(n: float) -> int:

@@ -33,17 +33,18 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from factory.formats import FORMATS
-from factory.layouts import ARCH_LAYOUTS, ARCHES, LAYOUTS, Layout, resolve
+from factory import distros as families
+from factory.arches import ARCHES
+from factory.formats import FORMATS, QCOW2_V3_ONLY, QEMU_IMG_OPTIONS, check_qemu_img_option
+from factory.layouts import LAYOUTS, Layout, fitting, resolve
 
 KiB = 1024
 MiB = 1024 * KiB
 
-# Known releases per family. A well-formed release that is not listed is accepted too (a new
-# Debian release should not need a factory release); the list is for messages and docs.
-FAMILIES: dict[str, tuple[str, ...]] = {
-    "debian": ("bullseye", "bookworm", "trixie", "forky", "sid"),
-}
+# Known releases per family (factory.distros). A well-formed release that is not listed is
+# accepted too (a new Debian release should not need a factory release); the list is for
+# messages and docs.
+FAMILIES: dict[str, tuple[str, ...]] = {n: f.releases for n, f in families.FAMILIES.items()}
 
 Loc = tuple[str | int, ...]
 
@@ -115,7 +116,9 @@ def _from_toml(info: ValidationInfo) -> bool:
 
 _NAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]{0,63}")
 _NAME_RULE = "use 1-64 of letters, digits, '.', '_', '-', not starting with '-', not '.' or '..'"
-_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+(?::[a-z0-9][a-z0-9-]*)?(?:=[A-Za-z0-9.+~:-]+)?")
+# Any family's package name, version and arch qualifiers; each family's own rule is
+# checked against the matrix's distros.
+_PACKAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._~:=-]*")
 _RELEASE = re.compile(r"[a-z][a-z0-9-]*")
 _USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -141,7 +144,7 @@ def _safe_name(value: str) -> str:
 def _package(value: str) -> str:
     if not _PACKAGE.fullmatch(value):
         raise ValueError(
-            f"{value!r} is not a Debian package name (lowercase letters, digits, '+', '.', '-', "
+            f"{value!r} is not a package name (letters, digits, '+', '.', '_', '~', '-', "
             "starting with a letter or digit; optionally ':arch' or '=version')"
         )
     return value
@@ -313,6 +316,37 @@ def _unique(kind: str) -> typing.Callable[[tuple[Any, ...]], tuple[Any, ...]]:
     return check
 
 
+def _option_values(value: object) -> object:
+    """qemu-img options as strings: TOML numbers and booleans as qemu-img writes them."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[object, object] = {}
+    for fmt, opts in value.items():
+        if isinstance(opts, dict):
+            opts = {
+                k: ("on" if v else "off") if isinstance(v, bool)
+                else str(v) if isinstance(v, int | float) else v
+                for k, v in opts.items()
+            }  # fmt: skip
+        out[fmt] = opts
+    return out
+
+
+def _qemu_img_options(value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    for fmt, opts in value.items():
+        if fmt not in QEMU_IMG_OPTIONS:
+            what = "takes no qemu-img options" if fmt in FORMATS else "is not a format"
+            raise _Problem(
+                f"{fmt!r} {what} (formats with options: {_one_of(QEMU_IMG_OPTIONS)})", fmt
+            )
+        for name, val in opts.items():
+            try:
+                check_qemu_img_option(fmt, name, val)
+            except ValueError as exc:
+                raise _Problem(str(exc), fmt, name) from None
+    return value
+
+
 Arch = Annotated[str, AfterValidator(_arch)]
 Size = Annotated[StrictInt, Field(gt=0)]
 
@@ -403,11 +437,44 @@ class Image(_Model):
     ] = ()
     qcow2_compression: Literal["zlib", "zstd", "none"] = "zlib"
     vhd_subformat: Literal["dynamic", "fixed"] = "dynamic"
+    # `qemu-img convert -o` per format, as diskimage-builder's QEMU_IMG_OPTIONS, e.g.
+    # qcow2 = { compat = "0.10" } for old hypervisors.
+    qemu_img_options: Annotated[
+        dict[str, dict[str, str]],
+        BeforeValidator(_option_values),
+        AfterValidator(_qemu_img_options),
+    ] = {}
     docker_tag: Annotated[str, AfterValidator(_docker_tag)] | None = None
     boot_test: StrictBool = False
     boot_timeout: Annotated[StrictInt, Field(ge=1)] = 300
     # SOURCE_DATE_EPOCH of every cell: None takes the newest Date: of its suites' Release.
     epoch: Annotated[StrictInt, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _qcow2_compat(self) -> Image:
+        """qcow2 v2 (compat 0.10) lacks what some other settings need: said here, not by
+        qemu-img in the middle of a run."""
+        qcow2 = self.qemu_img_options.get("qcow2", {})
+        if qcow2.get("compat") not in ("0.10", "v2"):
+            return self
+        if self.qcow2_compression == "zstd":
+            raise _Problem(
+                'compat 0.10 has no zstd compression (set qcow2_compression = "zlib", or '
+                'compat = "1.1")',
+                "qemu_img_options", "qcow2", "compat",
+            )  # fmt: skip
+        for name, value in QCOW2_V3_ONLY.items():
+            if qcow2.get(name) == value:
+                raise _Problem(
+                    f'{name} = "{value}" needs compat 1.1 (remove it, or set compat = "1.1")',
+                    "qemu_img_options", "qcow2", name,
+                )  # fmt: skip
+        if qcow2.get("refcount_bits", "16") != "16":
+            raise _Problem(
+                'compat 0.10 has only refcount_bits = "16" (remove it, or set compat = "1.1")',
+                "qemu_img_options", "qcow2", "refcount_bits",
+            )  # fmt: skip
+        return self
 
 
 _SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]{0,99}")
@@ -582,6 +649,11 @@ class Matrix(_Model):
                     i,
                     "distro",
                 )
+        for family in dict.fromkeys(d.family for d in self.distros):
+            for i, package in enumerate(self.image.packages):
+                problem = families.get(family).package_problem(package)
+                if problem is not None:
+                    raise _Problem(problem, "image", "packages", i)
         cells = self.cells()
         if not cells:
             raise _Problem(
@@ -591,14 +663,14 @@ class Matrix(_Model):
         arches = list(dict.fromkeys(c.arch for c in cells))
         layouts = self.image.layout
         for i, layout in enumerate(layouts):
-            fits = [a for a, names in ARCH_LAYOUTS.items() if layout in names]
+            fits = [a for a in ARCHES if layout in fitting(a)]
             unfit = [a for a in arches if layout != "auto" and a not in fits]
             # One layout must fit every arch; of several, each must fit one arch at least.
             if unfit and (len(layouts) == 1 or len(unfit) == len(arches)):
                 arch = unfit[0]
                 raise _Problem(
                     f"layout {layout!r} does not fit arch {arch} ({layout} is for: "
-                    f"{_one_of(fits) or 'no arch'}; {arch} takes: {_one_of(ARCH_LAYOUTS[arch])}; "
+                    f"{_one_of(fits) or 'no arch'}; {arch} takes: {_one_of(fitting(arch))}; "
                     'or use "auto")',
                     "image",
                     "layout",
@@ -608,7 +680,7 @@ class Matrix(_Model):
             if not self.layouts_for(arch):
                 raise _Problem(
                     f"no layout of {_one_of(layouts)} fits arch {arch} (it takes: "
-                    f'{_one_of(ARCH_LAYOUTS[arch])}; or add "auto")',
+                    f'{_one_of(fitting(arch))}; or add "auto")',
                     "image",
                     "layout",
                 )
@@ -622,8 +694,8 @@ class Matrix(_Model):
     def layouts_for(self, arch: str) -> tuple[Layout, ...]:
         """The disks a cell of `arch` gets: each listed layout that fits it ("auto": the
         arch's default), once each, in the order given."""
-        fitting = (n for n in self.image.layout if n == "auto" or n in ARCH_LAYOUTS[arch])
-        return tuple(dict.fromkeys(resolve(n, arch) for n in fitting))
+        fits = (n for n in self.image.layout if n == "auto" or n in fitting(arch))
+        return tuple(dict.fromkeys(resolve(n, arch) for n in fits))
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -8,30 +8,34 @@ from __future__ import annotations
 
 import base64
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from factory import arches, proc
+from factory.arches import BootMethod
+
+# The kernel metapackage of each arch (factory.arches names the arches).
 KERNELS = {
     "amd64": "linux-image-amd64",
     "ppc64el": "linux-image-powerpc64le",
-    "arm64": "linux-image-arm64",
 }
 
 # What boots: init, device manager, initramfs, filesystem tools, network (systemd-networkd
 # is part of systemd in bookworm and trixie).
 BASE = ("systemd-sysv", "udev", "initramfs-tools", "e2fsprogs", "kmod", "zstd", "iproute2")
 
-BOOTLOADER = {
-    "mbr": ("grub-pc-bin", "grub2-common"),
-    "gpt-efi": (
-        "grub-pc-bin",
-        "grub-efi-amd64-bin",
-        "grub2-common",
-        "shim-signed",
-        "grub-efi-amd64-signed",
-    ),
-    "ppc-prep": ("grub-ieee1275-bin", "grub2-common"),
-}
+
+def bootloader(method: BootMethod, arch: str) -> tuple[str, ...]:
+    """The packages with the boot code and modules a boot method needs on `arch`: the
+    signed EFI binaries too, so the ESP gets shim and Debian's signed grub."""
+    if method == "uefi":
+        return (f"grub-efi-{arch}-bin", "grub2-common", "shim-signed", f"grub-efi-{arch}-signed")
+    if method == "prep":
+        return ("grub-ieee1275-bin", "grub2-common")
+    return ("grub-pc-bin", "grub2-common")
+
 
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 HOST_SOURCES = ("/etc/apt/sources.list.d/debian.sources", "/etc/apt/sources.list")
@@ -77,12 +81,12 @@ def embedded_key(data: bytes) -> str:
 
 
 def packages_for(
-    release: str, arch: str, layouts: Iterable[str], extra: Iterable[str]
+    release: str, arch: str, methods: Iterable[BootMethod], extra: Iterable[str]
 ) -> list[str]:
-    """Everything mmdebstrap installs on top of minbase (the boot loaders of every layout
-    the tree's disks use), sorted and without repeats."""
+    """Everything mmdebstrap installs on top of minbase (the boot loaders of every boot
+    method the tree's disks use), sorted and without repeats."""
     del release  # the same set serves every supported release today
-    loaders = (pkg for layout in layouts for pkg in BOOTLOADER[layout])
+    loaders = (pkg for method in methods for pkg in bootloader(method, arch))
     return sorted({KERNELS[arch], *BASE, *loaders, *extra})
 
 
@@ -196,6 +200,44 @@ def sources_for(release: str, stanzas: list[Stanza], updates: bool, security: bo
     return "\n".join(out)
 
 
+def host_sources() -> tuple[str, bool]:
+    """The build machine's apt sources: (text, is deb822)."""
+    for path in HOST_SOURCES:
+        p = Path(path)
+        if p.is_file():
+            return p.read_text(), p.suffix == ".sources"
+    raise SourcesError(
+        f"this machine has no {' or '.join(HOST_SOURCES)} (set a mirror URL in the matrix)"
+    )
+
+
+def sources(release: str, mirror: str, updates: bool, security: bool) -> str:
+    """deb822 sources of the Debian archive for `release`: the build machine's own
+    entries renamed to it ("host"), or the mirror URL's."""
+    if mirror == "host":
+        text, deb822 = host_sources()
+        return sources_for(release, parse_sources(text, deb822), updates, security)
+    return sources_for_url(release, mirror, updates, security)
+
+
+def extra_source(
+    uri: str, suite: str, components: tuple[str, ...], key: bytes | None, trusted: bool
+) -> str:
+    """A repository of one's own beside the archive, its key embedded."""
+    signed_by = embedded_key(key) if key is not None else None
+    return Stanza((uri,), (suite,), components, signed_by, trusted=trusted).render()
+
+
+def suites_of(text: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(uri, suite, components) of every entry in deb822 sources, in order."""
+    return [
+        (uri, suite, st.components)
+        for st in parse_sources(text, True)
+        for uri in st.uris
+        for suite in st.suites
+    ]
+
+
 def sources_for_url(release: str, url: str, updates: bool, security: bool) -> str:
     """deb822 sources for a mirror URL; security from the sibling `-security` archive,
     as Debian mirrors lay it out."""
@@ -207,3 +249,244 @@ def sources_for_url(release: str, url: str, updates: bool, security: bool) -> st
             Stanza((f"{base}-security",), (f"{release}-security",), ("main",), KEYRING).render()
         )
     return "\n".join(out)
+
+
+# --- the tree: bootstrap, initramfs, manifest, clean-up ------------------------------------
+
+# update-initramfs is diverted while packages install (the kernel's postinst and the
+# initramfs-tools trigger would each build one) and restored afterwards; finalise builds
+# it once.
+DIVERT = (
+    'chroot "$1" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.factory '
+    "--add /usr/sbin/update-initramfs && "
+    "printf '#!/bin/sh\\necho update-initramfs: deferred to finalise >&2\\n' "
+    '> "$1/usr/sbin/update-initramfs" && chmod 755 "$1/usr/sbin/update-initramfs"'
+)
+UNDIVERT = (
+    'rm -f "$1/usr/sbin/update-initramfs" && '
+    'chroot "$1" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.factory '
+    "--remove /usr/sbin/update-initramfs"
+)
+
+
+def keep_release_files(dest: Path) -> str:
+    """A customize hook that copies the Release files apt used out of the tree, before
+    mmdebstrap's clean-up deletes them: they say which archive state the tree is of."""
+    folder = shlex.quote(str(dest))
+    return (
+        f'mkdir -p {folder} && for f in "$1"/var/lib/apt/lists/*Release; do '
+        f'[ -e "$f" ] && cp "$f" {folder}/; done; true'
+    )
+
+
+def mmdebstrap_args(
+    *,
+    release: str,
+    arch: str,
+    packages: Iterable[str],
+    target: Path,
+    sources_file: Path,
+    lists: Path | None = None,
+) -> list[str]:
+    keep = [f"--customize-hook={keep_release_files(lists)}"] if lists is not None else []
+    return [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--mode=root",
+        "--format=directory",
+        f"--architectures={arch}",
+        f"--include={','.join(packages)}",
+        '--aptopt=Acquire::Retries "3"',
+        "--dpkgopt=force-unsafe-io",
+        f"--essential-hook={DIVERT}",
+        f"--customize-hook={UNDIVERT}",
+        *keep,
+        release,
+        str(target),
+        str(sources_file),
+    ]
+
+
+_INDEX_FAIL = re.compile(
+    r"(?:Failed to fetch|Hash Sum mismatch|File has unexpected size).*?"
+    r"dists/(?P<suite>[\w.-]+)/"
+)
+
+
+def explain(tail: Iterable[str], arch: str) -> str | None:
+    """apt's failure on a broken mirror index, as the setting that avoids it."""
+    for line in tail:
+        m = _INDEX_FAIL.search(line)
+        if m:
+            suite = m["suite"]
+            kind = suite.rsplit("-", 1)[-1] if "-" in suite else ""
+            hint = (
+                f"set [mirrors] {kind} = false to leave it out"
+                if kind in ("updates", "security")
+                else "check the mirror"
+            )
+            return f"the mirror's index for {suite} ({arch}) failed to download ({hint})"
+    return None
+
+
+# The initramfs holds the drivers a VM disk image needs to reach its root filesystem,
+# not MODULES=most (every storage, USB, HID, network and framebuffer driver: several
+# thousand modules to resolve and compress, minutes under emulation). MODULES=dep would
+# look at the build host's devices, which is wrong in a chroot. The image keeps this
+# config, so its own kernel updates build the same initramfs.
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "sr_mod", "nvme", "ahci")
+FS_MODULES = {"ext4": ("ext4", "crc32c_generic"), "xfs": ("xfs", "crc32c_generic")}
+INITRAMFS_CONF = Path("etc/initramfs-tools/conf.d/factory.conf")
+INITRAMFS_LIST = Path("etc/initramfs-tools/modules")
+
+
+def initramfs_config(arch: str, filesystem: str) -> dict[Path, str]:
+    """initramfs-tools settings for the image: the module list, and zstd -3 rather than
+    the default -9 (a slightly larger file, made faster)."""
+    modules = [*INITRAMFS_MODULES, *arches.get(arch).initramfs_modules, *FS_MODULES[filesystem]]
+    return {
+        INITRAMFS_CONF: (
+            "# Written by factory: the modules listed in /etc/initramfs-tools/modules,\n"
+            "# enough for a VM disk image (set MODULES=most for any hardware).\n"
+            "MODULES=list\nCOMPRESS=zstd\nCOMPRESSLEVEL=3\n"
+        ),
+        INITRAMFS_LIST: "# Added by factory: what a VM disk image needs to find its root.\n"
+        + "".join(f"{m}\n" for m in modules),
+    }
+
+
+def write_initramfs_config(tree: Path, arch: str, filesystem: str) -> None:
+    """Our settings; the module list is added to what the packages put there."""
+    for conf, text in initramfs_config(arch, filesystem).items():
+        path = tree / conf
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = path.read_text() if conf == INITRAMFS_LIST and path.exists() else ""
+        path.write_text(old + text)
+
+
+MANIFEST_FIELDS = {
+    "package": "${Package}",
+    "version": "${Version}",
+    "arch": "${Architecture}",
+    "status": "${db:Status-Status}",
+    "source": "${source:Package}",
+    "source_version": "${source:Version}",
+    "maintainer": "${Maintainer}",
+}
+
+
+def manifest_rows(text: str) -> list[dict[str, str]]:
+    """dpkg-query's tab-separated lines as rows, sorted by package then arch (dpkg's own
+    order is its database's, which an SBOM diff must not depend on)."""
+    keys = list(MANIFEST_FIELDS)
+    rows = [dict(zip(keys, line.split("\t"), strict=True)) for line in text.splitlines() if line]
+    return sorted(rows, key=lambda r: (r["package"], r["arch"]))
+
+
+async def dpkg_manifest(tree: Path) -> list[dict[str, str]]:
+    """Every package dpkg knows in the tree, with its source package and maintainer (what
+    an SBOM needs), read from its database without a chroot."""
+    fmt = "\\t".join(MANIFEST_FIELDS.values()) + "\\n"
+    out = await proc.run(
+        ["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", fmt], capture=True
+    )
+    return manifest_rows(out.text)
+
+
+# What a build leaves that differs from one build to the next and that the image does not
+# need: caches rebuilt on demand, logs of the build itself, a seed each VM must make its own.
+LEFTOVERS = (
+    "var/cache/ldconfig/aux-cache",  # inode numbers and ctimes of the build's libraries
+    "var/cache/apt/*.bin",
+    "var/cache/man/*",  # man-db's index: rebuilt by its cron job or timer
+    "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old",
+    "var/lib/systemd/random-seed",
+    "var/log/**/*.gz",
+    "var/log/**/*.xz",
+    "var/log/**/*.[0-9]",
+    "var/log/bootstrap.log",
+    "tmp/*",
+    "var/tmp/*",
+    "run/blkid",  # blkid's cache of the build host's devices
+)
+
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+(?::[a-z0-9][a-z0-9-]*)?(?:=[A-Za-z0-9.+~:-]+)?")
+
+
+def package_problem(name: str) -> str | None:
+    """Why `name` cannot be a Debian package (Debian policy 5.6.1), or None."""
+    if _PACKAGE.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a Debian package name (lowercase letters, digits, '+', '.', '-', "
+        "starting with a letter or digit; optionally ':arch' or '=version')"
+    )
+
+
+class Debian:
+    """The Debian family (and its derivatives' archives): mmdebstrap, initramfs-tools,
+    dpkg, apt."""
+
+    name: str = "debian"
+    # Known releases. A well-formed release that is not listed is accepted too (a new
+    # Debian release should not need a factory release); the list is for messages and docs.
+    releases: tuple[str, ...] = ("bullseye", "bookworm", "trixie", "forky", "sid")
+    efi_vendor: str = "debian"  # /EFI/debian on the ESP, where Debian's signed grub reads
+    leftovers: tuple[str, ...] = LEFTOVERS
+    initramfs_command: tuple[str, ...] = ("update-initramfs", "-c", "-k", "all")
+    clean_command: tuple[str, ...] = ("apt-get", "clean")
+    manifest_format: str = "dpkg"
+
+    def version_of(self, release: str) -> str:
+        return version_of(release)
+
+    def sources(self, release: str, mirror: str, updates: bool, security: bool) -> str:
+        return sources(release, mirror, updates, security)
+
+    def extra_source(
+        self, uri: str, suite: str, components: tuple[str, ...], key: bytes | None, trusted: bool
+    ) -> str:
+        return extra_source(uri, suite, components, key, trusted)
+
+    def suites_of(self, text: str) -> list[tuple[str, str, tuple[str, ...]]]:
+        return suites_of(text)
+
+    def package_problem(self, name: str) -> str | None:
+        return package_problem(name)
+
+    def packages(
+        self, release: str, arch: str, methods: Iterable[BootMethod], extra: Iterable[str]
+    ) -> list[str]:
+        return packages_for(release, arch, methods, extra)
+
+    def bootstrap_args(
+        self,
+        *,
+        release: str,
+        arch: str,
+        packages: Iterable[str],
+        target: Path,
+        sources_file: Path,
+        lists: Path | None = None,
+    ) -> list[str]:
+        return mmdebstrap_args(
+            release=release,
+            arch=arch,
+            packages=packages,
+            target=target,
+            sources_file=sources_file,
+            lists=lists,
+        )
+
+    def explain_bootstrap(self, tail: Iterable[str], arch: str) -> str | None:
+        return explain(tail, arch)
+
+    def configure_initramfs(self, tree: Path, arch: str, filesystem: str) -> None:
+        write_initramfs_config(tree, arch, filesystem)
+
+    async def manifest(self, tree: Path) -> list[dict[str, str]]:
+        return await dpkg_manifest(tree)
+
+
+FAMILY = Debian()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -40,30 +40,12 @@ def fullest(folders: list[Path]) -> tuple[Path, int]:
     return folder, space
 
 
-Stage = Callable[[Context], Awaitable[Output]]
-
-
-def _stages() -> dict[str, Stage]:
-    from factory.stages import assemble, boot, convert, finalise, pack, publish, rootfs
-
-    return {
-        "rootfs": rootfs.run,
-        "finalise": finalise.run,
-        "assemble": assemble.run,
-        "convert": convert.run,
-        "pack": pack.run,
-        "publish": publish.run,
-        "boot": boot.run,
-    }
-
-
 class LocalExecutor:
     host: str | None = None
 
     def __init__(self, ws: Workspace, jobs: int) -> None:
         self.ws = ws
         self.cpu = anyio.CapacityLimiter(jobs)
-        self.stages = _stages()
 
     def limiter(self, job: Job) -> anyio.CapacityLimiter:
         return self.cpu
@@ -71,11 +53,14 @@ class LocalExecutor:
     async def run(
         self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
     ) -> Output:
-        stage = self.stages.get(job.kind)
-        if stage is None:
-            raise StageError(f"no stage for job kind {job.kind!r}")
+        from factory.stages import registry
+
         try:
-            return await stage(Context(job, inputs, self.ws, emit))
+            stage = registry.get(job.kind)
+        except registry.ParamsError as exc:
+            raise StageError(str(exc)) from None
+        try:
+            return await stage.run(Context(job, inputs, self.ws, emit))
         except (OSError, CommandError) as exc:
             if not disk_full(exc):
                 raise

@@ -18,10 +18,23 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from factory import layouts, loopdev, proc, repro, sizing
+from factory import distros, layouts, loopdev, proc, repro, sizing
+from factory.arches import BootMethod
 from factory.fsutil import aside
 from factory.results import Output, StageError
-from factory.stages import Context, bootloader
+from factory.stages import Context, Stage, StageParams, bootloader
+
+
+class Params(StageParams):
+    family: str
+    arch: str
+    layout: layouts.Layout  # its data: the key covers every partition
+    boot: tuple[BootMethod, ...]  # what the boot code is written for
+    size: int | None  # None: the tree's size plus extra_size
+    extra_size: int
+    filesystem: str
+    root_uuid: str
+    epoch: int
 
 
 def partition(disk: Path, offset: int) -> str:
@@ -117,7 +130,7 @@ async def _fill_through_loop(
     """diskimage-builder's way, for kernels and tools where it is wanted: a loop device,
     its partitions from partx, mkfs on the root partition, the tree copied onto it
     mounted, fstrim; each undone on every exit path."""
-    number = [p.role for p in layout.partitions].index("root") + 1
+    number = layout.number("root")
     ctx.emit("loop device")
     async with (
         loopdev.attached(disk) as device,
@@ -126,7 +139,7 @@ async def _fill_through_loop(
         ctx.emit(f"mkfs.ext4 {parts[number - 1]}")
         await proc.run(
             mkfs_args(None, parts[number - 1], uuid, 0, size, hash_seed(ctx.job.key)),
-            env=repro.source_date_env(ctx.job.params["epoch"]),
+            env=repro.source_date_env(int(ctx.job.params["epoch"])),
         )
         async with loopdev.mount(parts[number - 1], disk.parent / "mnt") as point:
             ctx.emit("copying tree")
@@ -140,13 +153,14 @@ def hash_seed(key: str) -> str:
 
 
 async def run(ctx: Context) -> Output:
-    p = ctx.job.params
-    env = repro.source_date_env(p["epoch"])
-    layout = layouts.LAYOUTS[p["layout"]]
+    p = ctx.params(Params)
+    env = repro.source_date_env(p.epoch)
+    layout = p.layout
     tree = ctx.input_path("finalise")
     ctx.emit("sizing")
     try:
-        size = sizing.disk_size(sizing.measure(tree), layout, p["extra_size"], p["size"])
+        usage = await sizing.measure_async(tree)
+        size = sizing.disk_size(usage, layout, p.extra_size, p.size)
     except sizing.TooSmall as exc:
         raise StageError(str(exc)) from None
     work = ctx.layout_work(layout.name)
@@ -163,21 +177,23 @@ async def run(ctx: Context) -> Output:
         root_offset, root_size = layout.offsets(size.disk)["root"]
         fs = partition(tmp, root_offset)
         if ctx.ws.loop:
-            await _fill_through_loop(ctx, tmp, tree, layout, p["root_uuid"], root_size)
+            await _fill_through_loop(ctx, tmp, tree, layout, p.root_uuid, root_size)
         else:
             ctx.emit("mkfs.ext4 -d")
             args = mkfs_args(
-                tree, tmp, p["root_uuid"], root_offset, root_size, hash_seed(ctx.job.key)
+                tree, tmp, p.root_uuid, root_offset, root_size, hash_seed(ctx.job.key)
             )
             await proc.run(args, env=env)
             ctx.emit("inode times")
-            await clamp_times(fs, tree, p["epoch"], work)
+            await clamp_times(fs, tree, p.epoch, work)
         # tune2fs stamps the superblock's write time with the clock unless told the epoch.
         await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", fs], env=env)
         ctx.emit("boot code")
         await bootloader.install(
-            tmp, tree, layout, p["root_uuid"], work, epoch=p["epoch"], seed=ctx.job.key
-        )
+            tmp, tree, layout, p.boot, p.root_uuid, work,
+            arch=p.arch, vendor=distros.get(p.family).efi_vendor, epoch=p.epoch,
+            seed=ctx.job.key,
+        )  # fmt: skip
         await proc.run(["e2fsck", "-fn", fs], env=env)
         ctx.emit("trim")
         allocated = tmp.stat().st_blocks * 512
@@ -198,3 +214,13 @@ async def run(ctx: Context) -> Output:
             "trimmed_bytes": trimmed,
         },
     )
+
+
+STAGE = Stage(
+    kind="assemble",
+    recipe=1,
+    params=Params,
+    run=run,
+    cost=lambda p: 3.0,  # rough CPU seconds on a warm cache
+    module=__name__,
+)

@@ -16,45 +16,40 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from factory import proc
+from factory import arches, proc
+from factory.arches import BootMethod
 from factory.fsutil import atomic_write
 from factory.results import Output, StageError
-from factory.stages import Context
+from factory.stages import Context, Stage, StageParams
 
 LOGIN = r"login:\s*$"
 KVM_VERDICTS = "kvm.json"  # in the cache folder
-OVMF = Path("/usr/share/OVMF")
-# UEFI firmware (package ovmf): code, and the variable store each boot gets a copy of.
-# The .ms vars have Microsoft's keys enrolled and Secure Boot on: shim (signed by
-# Microsoft) → grub and kernel (signed by Debian) must verify or nothing boots.
-UEFI = {
-    "uefi": (OVMF / "OVMF_CODE_4M.fd", OVMF / "OVMF_VARS_4M.fd"),
-    "uefi-secureboot": (OVMF / "OVMF_CODE_4M.ms.fd", OVMF / "OVMF_VARS_4M.ms.fd"),
-}
-OVMF_CODE, OVMF_VARS = UEFI["uefi"]
-FIRMWARES = ("bios", *UEFI)
-# The QEMU binary of each arch, and the Debian package that has it.
-QEMU = {
-    "amd64": ("qemu-system-x86_64", "qemu-system-x86"),
-    "ppc64el": ("qemu-system-ppc64", "qemu-system-ppc"),
-}
+FIRMWARES = arches.FIRMWARES
+
+
+class Params(StageParams):
+    arch: str
+    boot: BootMethod  # how the disk is booted: UEFI where it has an ESP
+    layout: str  # the disk's folder
+    timeout: int
 
 
 def check_tools(arch: str, firmware: str) -> None:
     """One line naming the package to install, before QEMU fails less clearly."""
-    if arch not in QEMU:
-        raise StageError(f"cannot boot {arch} images (can: {', '.join(QEMU)})")
-    binary, package = QEMU[arch]
-    if shutil.which(binary) is None:
-        raise StageError(f"{binary} not found: install {package}")
+    if arch not in arches.ARCHES:
+        raise StageError(f"cannot boot {arch} images (can: {', '.join(arches.ARCHES)})")
+    a = arches.get(arch)
+    if shutil.which(a.qemu_system) is None:
+        raise StageError(f"{a.qemu_system} not found: install {a.qemu_package}")
     if firmware not in FIRMWARES:
         raise StageError(f"unknown firmware {firmware!r} (valid: {', '.join(FIRMWARES)})")
-    if firmware in UEFI:
-        if arch != "amd64":
-            raise StageError(f"UEFI boot is for amd64 images, not {arch}")
-        for f in UEFI[firmware]:
+    if firmware != "bios":
+        if firmware not in a.uefi:
+            can = ", ".join(n for n, x in arches.ARCHES.items() if x.uefi) or "none"
+            raise StageError(f"UEFI boot is for {can} images, not {arch}")
+        for f in a.uefi[firmware]:
             if not f.is_file():
-                raise StageError(f"{f} not found: install ovmf")
+                raise StageError(f"{f} not found: install {a.uefi_package}")
 
 
 async def detect_format(image: Path) -> str:
@@ -72,15 +67,14 @@ def qemu_args(
 ) -> list[str]:
     """The whole QEMU command: the console on stdout, the image read-only (-snapshot),
     no network (nothing leaves the machine)."""
+    a = arches.get(arch)
     common = ["-smp", "2", "-monitor", "none", "-serial", "stdio", "-snapshot", "-nic", "none",
               "-drive", f"file={image},format={fmt},if=virtio"]  # fmt: skip
-    if arch == "ppc64el":
-        return ["qemu-system-ppc64", "-M", "pseries", "-m", "2048", "-nographic", *common]
-    args = ["qemu-system-x86_64", "-accel", accel, "-m", "1024", "-display", "none", *common]
-    if firmware in UEFI:
+    args = [a.qemu_system, *(["-accel", accel] if a.kvm else []), *a.machine, *common]
+    if firmware != "bios":
         assert vars_copy is not None
-        code, _ = UEFI[firmware]
-        args += ["-machine", "q35",
+        code, _ = a.uefi[firmware]  # type: ignore[index]
+        args += [*a.uefi_machine,
                  "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]  # fmt: skip
     return args
@@ -111,7 +105,7 @@ async def choose_accel(
     (this kind of machine: a Debian kernel never prints under it), so the first boot on a
     host tries KVM briefly and watches for the kernel's first words; the verdict is kept
     per host kernel in `verdicts` so later boots do not pay for the probe."""
-    if arch != "amd64" or not kvm_usable():
+    if not arches.get(arch).kvm or not kvm_usable():
         return "tcg"
     host = platform.release()
     known = _verdicts(verdicts)
@@ -147,12 +141,12 @@ async def boot_image(
     `verdicts` keeps whether KVM works on this host (see choose_accel)."""
     check_tools(arch, firmware)
     vars_copy = None
-    if firmware in UEFI:
+    if firmware != "bios":
         # The firmware writes its variables: each boot gets its own copy.
-        fd, name = tempfile.mkstemp(prefix="OVMF_VARS.", suffix=".fd", dir=work)
+        fd, name = tempfile.mkstemp(prefix="UEFI_VARS.", suffix=".fd", dir=work)
         os.close(fd)
         vars_copy = Path(name)
-        shutil.copyfile(UEFI[firmware][1], vars_copy)
+        shutil.copyfile(arches.get(arch).uefi[firmware][1], vars_copy)  # type: ignore[index]
     try:
         args = qemu_args(image, fmt, arch, firmware, vars_copy)
         accel = await choose_accel(args, arch, verdicts, say)
@@ -171,16 +165,26 @@ async def boot_image(
 
 
 async def run(ctx: Context) -> Output:
-    p = ctx.job.params
-    firmware = "uefi" if p["layout"] == "gpt-efi" else "bios"
+    p = ctx.params(Params)
+    firmware = arches.get(p.arch).firmware(p.boot)
     ctx.emit(f"booting ({firmware})")
     seconds = await boot_image(
         ctx.input_path("assemble"),
-        arch=p["arch"],
+        arch=p.arch,
         firmware=firmware,
-        timeout=p["timeout"],
-        work=ctx.layout_work(p["layout"]),
+        timeout=p.timeout,
+        work=ctx.layout_work(p.layout),
         verdicts=ctx.ws.cache.root / KVM_VERDICTS,
         say=ctx.emit,
     )
     return Output(None, {"login_after": round(seconds, 1), "firmware": firmware})
+
+
+STAGE = Stage(
+    kind="boot",
+    recipe=1,
+    params=Params,
+    run=run,
+    cost=lambda p: 40.0,  # rough CPU seconds on a warm cache
+    module=__name__,
+)

@@ -10,13 +10,13 @@ build.
 
 from __future__ import annotations
 
-import functools
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from factory import proc, repro
+from factory import arches, proc, repro
+from factory.arches import Arch, BootMethod
 from factory.layouts import SECTOR, Layout
 from factory.results import StageError
 
@@ -31,11 +31,26 @@ BOOT_KERNEL_SECTOR = 0x5C
 DISKBOOT_BLOCKLIST_START = 0x1F4
 MBR_CODE = 440  # boot.img bytes that fit before the disk signature and partition table
 
-# Debian's signed EFI binaries; where the tree has both, the ESP gets shim + signed grub
-# (boots with Secure Boot on), else an unsigned grub from grub-mkimage.
-SHIM = "usr/lib/shim/shimx64.efi.signed"
-MOK_MANAGER = "usr/lib/shim/mmx64.efi.signed"
-SIGNED_GRUB = "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
+
+
+@dataclass(frozen=True)
+class SignedEfi:
+    """Where a tree keeps the signed EFI binaries of an arch: where it has shim and the
+    signed grub, the ESP gets both (boots with Secure Boot on), else an unsigned grub
+    from grub-mkimage."""
+
+    shim: str
+    mok_manager: str
+    grub: str
+
+    @classmethod
+    def of(cls, arch: Arch) -> SignedEfi:
+        efi, platform = arch.efi, arch.grub["uefi"]
+        return cls(
+            f"usr/lib/shim/shim{efi}.efi.signed",
+            f"usr/lib/shim/mm{efi}.efi.signed",
+            f"usr/lib/grub/{platform}-signed/grub{efi}.efi.signed",
+        )
 
 
 def early_cfg(uuid: str) -> str:
@@ -43,7 +58,7 @@ def early_cfg(uuid: str) -> str:
 
 
 def esp_grub_cfg(uuid: str) -> str:
-    """What Debian's signed grub reads from its prefix (/EFI/debian on the ESP)."""
+    """What a distro's signed grub reads from its prefix (/EFI/VENDOR on the ESP)."""
     return (
         f"search --no-floppy --fs-uuid --set=root {uuid}\n"
         "set prefix=($root)/boot/grub\n"
@@ -108,47 +123,56 @@ async def _core_img(
     return out.read_bytes()
 
 
-async def install_mbr(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install_bios_mbr(
+    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, platform: str = "i386-pc"
+) -> None:
     """BIOS on a dos label: boot.img's code in sector 0 (the partition table kept),
     core.img in the gap before the first partition; no sector numbers to patch."""
-    core = await _core_img(tree, "i386-pc", I386_MODULES, uuid, work)
+    core = await _core_img(tree, platform, I386_MODULES, uuid, work)
     gap = layout.first_mib * 1024 * 1024 - SECTOR
     if len(core) > gap:
         raise StageError(f"core.img is {len(core)} bytes, the gap after the MBR only {gap}")
-    boot = (tree / "usr/lib/grub/i386-pc/boot.img").read_bytes()
+    boot = (tree / "usr/lib/grub" / platform / "boot.img").read_bytes()
     _write_at(disk, 0, boot[:MBR_CODE])
     _write_at(disk, SECTOR, core)
 
 
-async def install_gpt_bios(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install_gpt_bios(
+    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, platform: str = "i386-pc"
+) -> None:
     """BIOS on a GPT: core.img in the BIOS boot partition, boot.img's code in the
     protective MBR (its partition entry kept), both told where core.img lies."""
     start, size = layout.offsets(disk.stat().st_size)["bios"]
-    core = await _core_img(tree, "i386-pc", I386_MODULES, uuid, work)
+    core = await _core_img(tree, platform, I386_MODULES, uuid, work)
     if len(core) > size:
         raise StageError(f"core.img is {len(core)} bytes, the BIOS boot partition only {size}")
-    boot = (tree / "usr/lib/grub/i386-pc/boot.img").read_bytes()
+    boot = (tree / "usr/lib/grub" / platform / "boot.img").read_bytes()
     boot, core = patch_gpt_bios(boot, core, start // SECTOR)
     _write_at(disk, 0, boot)
     _write_at(disk, start, core)
 
 
-async def esp_files(tree: Path, uuid: str, work: Path) -> list[EspFile]:
-    """shim as the removable-media loader with Debian's signed grub beside it (its config
-    is read from /EFI/debian), or else an unsigned grub with an early config."""
-    if (tree / SHIM).is_file() and (tree / SIGNED_GRUB).is_file():
+async def esp_files(
+    tree: Path, uuid: str, work: Path, arch: Arch, vendor: str
+) -> list[EspFile]:
+    """shim as the removable-media loader with the distro's signed grub beside it (its
+    config is read from /EFI/VENDOR), or else an unsigned grub with an early config."""
+    efi, signed = arch.efi, SignedEfi.of(arch)
+    loader = f"EFI/BOOT/BOOT{efi.upper()}.EFI"
+    if (tree / signed.shim).is_file() and (tree / signed.grub).is_file():
         cfg = work / "esp-grub.cfg"
         cfg.write_text(esp_grub_cfg(uuid))
         files = [
-            EspFile("EFI/BOOT/BOOTX64.EFI", tree / SHIM),
-            EspFile("EFI/BOOT/grubx64.efi", tree / SIGNED_GRUB),
-            EspFile("EFI/debian/grub.cfg", cfg),
+            EspFile(loader, tree / signed.shim),
+            EspFile(f"EFI/BOOT/grub{efi}.efi", tree / signed.grub),
+            EspFile(f"EFI/{vendor}/grub.cfg", cfg),
         ]
-        if (tree / MOK_MANAGER).is_file():
-            files.append(EspFile("EFI/BOOT/mmx64.efi", tree / MOK_MANAGER))
+        if (tree / signed.mok_manager).is_file():
+            files.append(EspFile(f"EFI/BOOT/mm{efi}.efi", tree / signed.mok_manager))
         return files
-    grub = await _mkimage(tree, "x86_64-efi", EFI_MODULES, uuid, work, work / "grubx64.efi")
-    return [EspFile("EFI/BOOT/BOOTX64.EFI", grub)]
+    platform = arch.grub["uefi"]
+    grub = await _mkimage(tree, platform, EFI_MODULES, uuid, work, work / f"grub{efi}.efi")
+    return [EspFile(loader, grub)]
 
 
 def esp_serial(seed: str) -> str:
@@ -199,36 +223,63 @@ def _parents(dest: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-async def install_gpt_efi(
-    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, *, epoch: int, seed: str
+async def install_uefi(
+    disk: Path,
+    tree: Path,
+    layout: Layout,
+    uuid: str,
+    work: Path,
+    *,
+    arch: Arch,
+    vendor: str,
+    epoch: int,
+    seed: str,
 ) -> None:
-    """Both firmwares from one disk: BIOS through the BIOS boot partition, UEFI through
-    the ESP."""
-    await install_gpt_bios(disk, tree, layout, uuid, work)
+    """The ESP: a FAT with the EFI loaders, made in its byte range."""
     start, size = layout.offsets(disk.stat().st_size)["esp"]
-    files = await esp_files(tree, uuid, work)
+    files = await esp_files(tree, uuid, work, arch, vendor)
     await make_esp(disk, start, size, files, epoch=epoch, seed=seed)
 
 
-async def install_prep(disk: Path, tree: Path, layout: Layout, uuid: str, work: Path) -> None:
+async def install_prep(
+    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, platform: str
+) -> None:
     """Open Firmware (SLOF) loads the ELF it finds in the PReP partition."""
     start, size = layout.offsets(disk.stat().st_size)["prep"]
-    core = await _core_img(tree, "powerpc-ieee1275", PPC_MODULES, uuid, work)
+    core = await _core_img(tree, platform, PPC_MODULES, uuid, work)
     if len(core) > size:
         raise StageError(f"core.elf is {len(core)} bytes, the PReP partition only {size}")
     _write_at(disk, start, core)
 
 
 async def install(
-    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, *, epoch: int, seed: str
+    disk: Path,
+    tree: Path,
+    layout: Layout,
+    methods: Sequence[BootMethod],
+    uuid: str,
+    work: Path,
+    *,
+    arch: str,
+    vendor: str,
+    epoch: int,
+    seed: str,
 ) -> None:
-    """The layout's boot code; `epoch` and `seed` (the job's key) stand for the clock and
-    the randomness of the tools that would use them (only the ESP's do)."""
-    installers: dict[str, Callable[[Path, Path, Layout, str, Path], Awaitable[None]]] = {
-        "mbr": install_mbr,
-        "gpt-efi": functools.partial(install_gpt_efi, epoch=epoch, seed=seed),
-        "ppc-prep": install_prep,
-    }
-    if layout.name not in installers:
-        raise StageError(f"boot code for the {layout.name} layout is not built yet")
-    await installers[layout.name](disk, tree, layout, uuid, work)
+    """The boot code of every boot method the disk has (a GPT disk may boot by BIOS and
+    by UEFI); `epoch` and `seed` (the job's key) stand for the clock and the randomness of
+    the tools that would use them (only the ESP's do)."""
+    a = arches.get(arch)
+    for method in sorted(methods, key=arches.BOOT_METHODS.index):  # one order: one disk
+        platform = a.grub[method]
+        if method == "bios-mbr":
+            await install_bios_mbr(disk, tree, layout, uuid, work, platform)
+        elif method == "bios-gpt":
+            await install_gpt_bios(disk, tree, layout, uuid, work, platform)
+        elif method == "uefi":
+            await install_uefi(
+                disk, tree, layout, uuid, work, arch=a, vendor=vendor, epoch=epoch, seed=seed
+            )
+        elif method == "prep":
+            await install_prep(disk, tree, layout, uuid, work, platform)
+        else:
+            raise StageError(f"no boot code for boot method {method!r}")

@@ -17,21 +17,58 @@ import re
 import shutil
 import struct
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field
 
 from factory import formats, proc, repro
 from factory.fsutil import aside
 from factory.results import Output
-from factory.stages import Context
+from factory.stages import Context, Stage, StageParams
 from factory.stages.publish import verify_disk
 
 
+class Params(StageParams):
+    format: str
+    qemu: str | None
+    compression: str | None = None  # qcow2's
+    vhd_subformat: str | None = None
+    # [image.qemu_img_options] of the format: qemu-img convert -o
+    options: dict[str, str] = Field(default_factory=dict)
+    epoch: int
+    artifact: str  # the published file name, which a vmdk records
+
+
 def convert_args(
-    fmt: str, compression: str | None, vhd_subformat: str | None, threads: int = 2
+    fmt: str,
+    compression: str | None,
+    vhd_subformat: str | None,
+    threads: int = 2,
+    options: dict[str, str] | None = None,
 ) -> list[str]:
-    """qemu-img convert options for a format (pure)."""
+    """qemu-img convert options for a format (pure). The user's `options` (checked
+    against formats.QEMU_IMG_OPTIONS) come last in the one -o: qemu-img keeps the last
+    value given for a name."""
     qemu = formats.get(fmt).qemu or fmt
     args = ["-O", qemu]
+    args += _options_args(fmt, compression, vhd_subformat, threads)
+    if options:
+        extra = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+        if "-o" in args:
+            i = args.index("-o") + 1
+            args[i] = f"{args[i]},{extra}"
+        else:
+            args += ["-o", extra]
+    return args
+
+
+def _options_args(
+    fmt: str, compression: str | None, vhd_subformat: str | None, threads: int
+) -> list[str]:
+    qemu = formats.get(fmt).qemu or fmt
+    args: list[str] = []
     if qemu == "qcow2":
         # No -W: out-of-order writes place clusters in the order they complete, so the
         # file differs from run to run (compressed or not). In order, qemu-img 7.2
@@ -197,29 +234,41 @@ async def _vhd_util(raw: Path, tmp: Path, subformat: str) -> None:
 
 
 async def run(ctx: Context) -> Output:
-    p = ctx.job.params
-    fmt = formats.get(p["format"])
+    p = ctx.params(Params)
+    fmt = formats.get(p.format)
     raw = ctx.input_path("assemble")
     virtual = ctx.input("assemble").info.get("virtual_size") or raw.stat().st_size
     dest = raw.with_suffix(f".{fmt.suffix}")  # beside its raw disk, one folder per layout
     # Written under its published name in a private folder: a vmdk records its own name.
     private = aside(dest)
-    tmp = private / (p.get("artifact") or dest.name)
+    tmp = private / (p.artifact or dest.name)
     try:
         shutil.rmtree(private, ignore_errors=True)
         private.mkdir()
-        if fmt.name == "vhd" and shutil.which("vhd-util"):
+        if fmt.name == "vhd" and shutil.which("vhd-util") and not p.options:
             ctx.emit("vhd-util convert to vhd")
-            await _vhd_util(raw, tmp, p.get("vhd_subformat") or "dynamic")
+            await _vhd_util(raw, tmp, p.vhd_subformat or "dynamic")
         else:
             ctx.emit(f"qemu-img convert to {fmt.name}")
             args = convert_args(
-                fmt.name, p.get("compression"), p.get("vhd_subformat"), cpu_budget(ctx)
+                fmt.name, p.compression, p.vhd_subformat, cpu_budget(ctx), p.options
             )
             await proc.run(["qemu-img", "convert", "-q", "-f", "raw", *args, raw, tmp])
-            make_reproducible(tmp, fmt.qemu or fmt.name, p["epoch"], ctx.job.key)
+            make_reproducible(tmp, fmt.qemu or fmt.name, p.epoch, ctx.job.key)
         await verify_disk(tmp, fmt.qemu or fmt.name, virtual)
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return Output(dest, {"virtual_size": virtual, "format": fmt.name})
+
+
+def cost(params: Mapping[str, Any]) -> float:
+    fmt = formats.FORMATS.get(str(params.get("format")))
+    if fmt is None:
+        return 2.0
+    if fmt.name == "qcow2":
+        return formats.QCOW2_COST.get(str(params.get("compression")), fmt.cost)
+    return fmt.cost
+
+
+STAGE = Stage(kind="convert", recipe=1, params=Params, run=run, cost=cost, module=__name__)

@@ -10,65 +10,38 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio
 
-from factory import proc, repro, sizing
+from factory import arches, distros, proc, repro, sizing
+from factory.arches import BootMethod
 from factory.fsutil import write_if_changed
 from factory.results import Output, StageError
-from factory.stages import Context, chroot, rootfs
+from factory.stages import Context, Stage, StageParams, chroot, rootfs
 
 MANIFEST_DIR = Path("etc/factory/manifests")
-GRUB_PLATFORMS = {
-    "mbr": ("i386-pc",),
-    "gpt-efi": ("i386-pc", "x86_64-efi"),
-    "ppc-prep": ("powerpc-ieee1275",),
-}
-CONSOLES = {"amd64": "console=tty0 console=ttyS0,115200", "ppc64el": "console=hvc0"}
-
-# The initramfs holds the drivers a VM disk image needs to reach its root filesystem,
-# not MODULES=most (every storage, USB, HID, network and framebuffer driver: several
-# thousand modules to resolve and compress, minutes under emulation). MODULES=dep would
-# look at the build host's devices, which is wrong in a chroot. The image keeps this
-# config, so its own kernel updates build the same initramfs.
-INITRAMFS_MODULES = {
-    "common": (
-        "virtio_pci",
-        "virtio_blk",
-        "virtio_scsi",
-        "sd_mod",
-        "sr_mod",
-        "nvme",
-        "ahci",
-    ),
-    "amd64": ("ata_piix", "xen_blkfront", "hv_storvsc", "vmw_pvscsi", "mptspi", "atkbd"),
-    "ppc64el": ("ibmvscsi", "ibmvfc"),
-}
-FS_MODULES = {"ext4": ("ext4", "crc32c_generic"), "xfs": ("xfs", "crc32c_generic")}
-INITRAMFS_CONF = Path("etc/initramfs-tools/conf.d/factory.conf")
-INITRAMFS_LIST = Path("etc/initramfs-tools/modules")
 
 
-def initramfs_config(arch: str, filesystem: str) -> dict[Path, str]:
-    """initramfs-tools settings for the image: the module list, and zstd -3 rather than
-    the default -9 (a slightly larger file, made faster)."""
-    modules = [
-        *INITRAMFS_MODULES["common"],
-        *INITRAMFS_MODULES.get(arch, ()),
-        *FS_MODULES[filesystem],
-    ]
-    return {
-        INITRAMFS_CONF: (
-            "# Written by factory: the modules listed in /etc/initramfs-tools/modules,\n"
-            "# enough for a VM disk image (set MODULES=most for any hardware).\n"
-            "MODULES=list\nCOMPRESS=zstd\nCOMPRESSLEVEL=3\n"
-        ),
-        INITRAMFS_LIST: "# Added by factory: what a VM disk image needs to find its root.\n"
-        + "".join(f"{m}\n" for m in modules),
-    }
+class Hook(StageParams):
+    name: str
+    digest: str  # of the folder's files: what the key covers
+    path: str  # where it is: left out of the key
+
+
+class Params(StageParams):
+    family: str
+    release: str
+    arch: str
+    boot: tuple[BootMethod, ...]  # of every disk the tree is for: their grub platforms
+    root_uuid: str
+    filesystem: str
+    image_name: str
+    hooks: tuple[Hook, ...] = ()
+    manifest: str  # where the package manifest goes under OUT
+    epoch: int
 
 
 NETWORK = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
@@ -81,7 +54,7 @@ SSH_KEYGEN = (
 
 @dataclass(frozen=True)
 class Kernel:
-    image: str  # file name in /boot: vmlinuz-VERSION, or vmlinux-VERSION (ppc64el)
+    image: str  # file name in /boot: vmlinuz-VERSION, or vmlinux-VERSION (a plain ELF)
     version: str
 
 
@@ -91,10 +64,11 @@ def _version_key(v: str) -> list[int | str]:
 
 def newest_kernel(tree: Path) -> Kernel:
     """The newest kernel in the tree's /boot (compressed on x86, a plain ELF on POWER)."""
+    prefixes = dict.fromkeys(a.kernel_prefix for a in arches.ARCHES.values())
     found = [
         Kernel(p.name, p.name.split("-", 1)[1])
-        for pattern in ("vmlinuz-*", "vmlinux-*")
-        for p in (tree / "boot").glob(pattern)
+        for prefix in prefixes
+        for p in (tree / "boot").glob(f"{prefix}-*")
     ]
     if not found:
         raise StageError("the tree has no kernel in /boot")
@@ -107,14 +81,14 @@ def grub_cfg(uuid: str, kernel: Kernel, arch: str, title: str) -> str:
             "serial --unit=0 --speed=115200\nterminal_input console serial\n"
             "terminal_output console serial\n"
         )
-        if arch == "amd64"
+        if arches.get(arch).grub_serial
         else ""
     )
     return (
         f"{serial}set timeout=1\nset default=0\n"
         f"menuentry '{title}' {{\n"
         f"\tsearch --no-floppy --fs-uuid --set=root {uuid}\n"
-        f"\tlinux /boot/{kernel.image} root=UUID={uuid} ro {CONSOLES[arch]}\n"
+        f"\tlinux /boot/{kernel.image} root=UUID={uuid} ro {arches.get(arch).console}\n"
         f"\tinitrd /boot/initrd.img-{kernel.version}\n"
         "}\n"
     )
@@ -124,54 +98,24 @@ def fstab(uuid: str, filesystem: str) -> str:
     return f"UUID={uuid} / {filesystem} errors=remount-ro 0 1\n"
 
 
-MANIFEST_FIELDS = {
-    "package": "${Package}",
-    "version": "${Version}",
-    "arch": "${Architecture}",
-    "status": "${db:Status-Status}",
-    "source": "${source:Package}",
-    "source_version": "${source:Version}",
-    "maintainer": "${Maintainer}",
-}
-
-
-def manifest_rows(text: str) -> list[dict[str, str]]:
-    """dpkg-query's tab-separated lines as rows, sorted by package then arch (dpkg's own
-    order is its database's, which an SBOM diff must not depend on)."""
-    keys = list(MANIFEST_FIELDS)
-    rows = [dict(zip(keys, line.split("\t"), strict=True)) for line in text.splitlines() if line]
-    return sorted(rows, key=lambda r: (r["package"], r["arch"]))
-
-
-async def dpkg_manifest(tree: Path) -> list[dict[str, str]]:
-    """Every package dpkg knows in the tree, with its source package and maintainer (what
-    an SBOM needs), read from its database without a chroot."""
-    fmt = "\\t".join(MANIFEST_FIELDS.values()) + "\\n"
-    out = await proc.run(
-        ["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", fmt], capture=True
-    )
-    return manifest_rows(out.text)
-
-
-def hook_scripts(hooks: list[dict[str, Any]], phase: str) -> list[Path]:
+def hook_scripts(hooks: Iterable[Hook], phase: str) -> list[Path]:
     """Executables of a phase across all hook folders, in name order (as diskimage-builder)."""
     found = [
         p
         for h in hooks
-        for p in (Path(h["path"]) / phase).glob("*")
+        for p in (Path(h.path) / phase).glob("*")
         if p.is_file() and os.access(p, os.X_OK)
     ]
     return sorted(found, key=lambda p: (p.name, str(p)))
 
 
-def hook_env(ctx: Context, target_root: str) -> dict[str, str]:
-    p = ctx.job.params
+def hook_env(p: Params, target_root: str) -> dict[str, str]:
     return {
         "TARGET_ROOT": target_root,
-        "ARCH": p["arch"],
-        "DIB_RELEASE": p["release"],
-        "DISTRO_NAME": p["family"],
-        "IMAGE_NAME": p["image_name"],
+        "ARCH": p.arch,
+        "DIB_RELEASE": p.release,
+        "DISTRO_NAME": p.family,
+        "IMAGE_NAME": p.image_name,
     }
 
 
@@ -192,23 +136,15 @@ async def _run_hook(
         ) from exc
 
 
-def _write_initramfs_config(tree: Path, arch: str, filesystem: str) -> None:
-    """Our settings; the module list is added to what the packages put there."""
-    for conf, text in initramfs_config(arch, filesystem).items():
-        path = tree / conf
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old = path.read_text() if conf == INITRAMFS_LIST and path.exists() else ""
-        path.write_text(old + text)
-
-
-async def _in_chroot(ctx: Context, tree: Path, hooks: list[dict[str, Any]]) -> None:
+async def _in_chroot(ctx: Context, p: Params, family: distros.Family, tree: Path) -> None:
     """Everything runs with the cell's SOURCE_DATE_EPOCH: initramfs-tools then sorts the
     initrd's cpio and clamps its mtimes, so the same packages give the same initrd."""
-    clock = repro.source_date_env(int(ctx.job.params["epoch"]))
+    clock = repro.source_date_env(p.epoch)
+    hooks = p.hooks
     async with chroot.bound(tree):
         ctx.emit("initramfs")
-        _write_initramfs_config(tree, ctx.job.params["arch"], ctx.job.params["filesystem"])
-        await chroot.run_in(tree, ["update-initramfs", "-c", "-k", "all"], clock)
+        family.configure_initramfs(tree, p.arch, p.filesystem)
+        await chroot.run_in(tree, list(family.initramfs_command), clock)
         (tree / "etc/systemd/network").mkdir(parents=True, exist_ok=True)
         (tree / "etc/systemd/network/20-wired.network").write_text(NETWORK)
         await chroot.run_in(tree, ["systemctl", "enable", "systemd-networkd.service"], clock)
@@ -216,17 +152,17 @@ async def _in_chroot(ctx: Context, tree: Path, hooks: list[dict[str, Any]]) -> N
         if scripts:
             inside = tree / "tmp/factory-hooks"
             for h in hooks:
-                src = Path(h["path"]) / "finalise.d"
+                src = Path(h.path) / "finalise.d"
                 if src.is_dir():
-                    shutil.copytree(src, inside / h["name"], symlinks=True, dirs_exist_ok=True)
+                    shutil.copytree(src, inside / h.name, symlinks=True, dirs_exist_ok=True)
             try:
                 for script in scripts:
                     rel = f"/tmp/factory-hooks/{script.parent.parent.name}/{script.name}"
-                    await _run_hook(ctx, script, [rel], {**hook_env(ctx, "/"), **clock}, tree)
+                    await _run_hook(ctx, script, [rel], {**hook_env(p, "/"), **clock}, tree)
             finally:
                 shutil.rmtree(inside, ignore_errors=True)
-        ctx.emit("apt-get clean")
-        await chroot.run_in(tree, ["apt-get", "clean"], clock)
+        ctx.emit(" ".join(family.clean_command))
+        await chroot.run_in(tree, list(family.clean_command), clock)
 
 
 def _identity(tree: Path) -> None:
@@ -253,29 +189,10 @@ def _identity(tree: Path) -> None:
             node.unlink()
 
 
-# What a build leaves that differs from one build to the next and that the image does not
-# need: caches rebuilt on demand, logs of the build itself, a seed each VM must make its own.
-LEFTOVERS = (
-    "var/cache/ldconfig/aux-cache",  # inode numbers and ctimes of the build's libraries
-    "var/cache/apt/*.bin",
-    "var/cache/man/*",  # man-db's index: rebuilt by its cron job or timer
-    "var/cache/debconf/*-old",
-    "var/lib/dpkg/*-old",
-    "var/lib/systemd/random-seed",
-    "var/log/**/*.gz",
-    "var/log/**/*.xz",
-    "var/log/**/*.[0-9]",
-    "var/log/bootstrap.log",
-    "tmp/*",
-    "var/tmp/*",
-    "run/blkid",  # blkid's cache of the build host's devices
-)
-
-
-def _remove_leftovers(tree: Path) -> None:
-    """Drop LEFTOVERS and empty the remaining logs (emptied, not removed: the files keep
-    the owners and modes the services that append to them expect)."""
-    for pattern in LEFTOVERS:
+def _remove_leftovers(tree: Path, leftovers: Iterable[str]) -> None:
+    """Drop the family's leftovers (globs) and empty the remaining logs (emptied, not
+    removed: the files keep the owners and modes the services that append to them expect)."""
+    for pattern in leftovers:
         for path in sorted(tree.glob(pattern), reverse=True):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -330,9 +247,8 @@ def normalise_tree(tree: Path, epoch: int) -> int:
     return changed
 
 
-def _bootloader(tree: Path, p: dict[str, Any]) -> None:
-    platforms = (pf for layout in p["layouts"] for pf in GRUB_PLATFORMS[layout])
-    for platform in dict.fromkeys(platforms):
+def _bootloader(tree: Path, p: Params) -> None:
+    for platform in arches.get(p.arch).grub_platforms(p.boot):
         src = tree / "usr/lib/grub" / platform
         if not src.is_dir():
             raise StageError(
@@ -344,16 +260,18 @@ def _bootloader(tree: Path, p: dict[str, Any]) -> None:
             if f.suffix in (".mod", ".lst", ".o") or f.name == "modinfo.sh":
                 shutil.copy2(f, dest / f.name)
     kernel = newest_kernel(tree)
-    title = f"{p['family'].capitalize()} {p['release']} ({p['arch']})"
-    (tree / "boot/grub/grub.cfg").write_text(grub_cfg(p["root_uuid"], kernel, p["arch"], title))
-    (tree / "etc/fstab").write_text(fstab(p["root_uuid"], p["filesystem"]))
+    title = f"{p.family.capitalize()} {p.release} ({p.arch})"
+    (tree / "boot/grub/grub.cfg").write_text(grub_cfg(p.root_uuid, kernel, p.arch, title))
+    (tree / "etc/fstab").write_text(fstab(p.root_uuid, p.filesystem))
 
 
 async def run(ctx: Context) -> Output:
-    p = ctx.job.params
+    p = ctx.params(Params)
+    family = distros.get(p.family)
     cache = ctx.ws.cache
     source = ctx.input_path("rootfs")
-    manifest_out = ctx.ws.out / p["manifest"]
+    manifest_out = ctx.ws.out / p.manifest
+    manifest_in = MANIFEST_DIR / f"{p.image_name}.json"
     async with cache.lock(ctx.job.key, ctx.emit):
         entry = cache.get(ctx.job.key)
         if entry is not None and not ctx.ws.refresh:
@@ -364,25 +282,33 @@ async def run(ctx: Context) -> Output:
             cached = False
             meta: dict[str, object] = {"kind": "finalise", "cell": ctx.job.cell}
             async with cache.building(ctx.job.key, meta) as tree:
-                await rootfs.ensure_runnable(p["arch"])  # the chroot runs the tree's programs
+                await rootfs.ensure_runnable(p.arch)  # the chroot runs the tree's programs
                 ctx.emit("copying tree")
                 await proc.run(["cp", "-a", "--reflink=auto", f"{source}/.", tree])
                 _bootloader(tree, p)
-                await _in_chroot(ctx, tree, p["hooks"])
+                await _in_chroot(ctx, p, family, tree)
                 _identity(tree)
-                manifest = await dpkg_manifest(tree)
+                manifest = await family.manifest(tree)
                 (tree / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
-                (tree / MANIFEST_DIR / f"{p['image_name']}.json").write_text(
-                    json.dumps(manifest, indent=1) + "\n"
-                )
-                clock = repro.source_date_env(int(p["epoch"]))
-                for script in hook_scripts(p["hooks"], "cleanup.d"):
-                    env = {**hook_env(ctx, str(tree)), **clock}
+                (tree / manifest_in).write_text(json.dumps(manifest, indent=1) + "\n")
+                clock = repro.source_date_env(p.epoch)
+                for script in hook_scripts(p.hooks, "cleanup.d"):
+                    env = {**hook_env(p, str(tree)), **clock}
                     await _run_hook(ctx, script, [str(script)], env, None)
-                _remove_leftovers(tree)
+                _remove_leftovers(tree, family.leftovers)
                 ctx.emit("clamping mtimes")
-                await anyio.to_thread.run_sync(normalise_tree, tree, int(p["epoch"]))
-                meta["bytes"] = sizing.measure(tree).allocated
+                await anyio.to_thread.run_sync(normalise_tree, tree, p.epoch)
+                meta["bytes"] = (await sizing.measure_async(tree)).allocated
             tree = (await cache.use(ctx.job.key)).root
-    write_if_changed(manifest_out, (tree / MANIFEST_DIR / f"{p['image_name']}.json").read_bytes())
-    return Output(tree, {"manifest": p["manifest"], "cached": cached})
+    write_if_changed(manifest_out, (tree / manifest_in).read_bytes())
+    return Output(tree, {"manifest": p.manifest, "cached": cached})
+
+
+STAGE = Stage(
+    kind="finalise",
+    recipe=2,
+    params=Params,
+    run=run,
+    cost=lambda p: 20.0,  # rough CPU seconds on a warm cache
+    module=__name__,
+)

@@ -12,13 +12,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
-from factory import formats, proc
+from factory import arches, formats, proc
 from factory.fsutil import aside, sha256_file
 from factory.results import Output, StageError
-from factory.stages import Context
+from factory.stages import Context, Stage, StageParams
 from factory.stages.convert import cpu_budget
 
 # Sparse files in format 0.0: its map is in the pax header and the member keeps its name;
@@ -35,8 +36,14 @@ TAR = [
 ]
 
 # Debian architecture → the names the container specs use.
-OCI_ARCH = {"amd64": "amd64", "ppc64el": "ppc64le", "arm64": "arm64"}
-APPC_ARCH = {"amd64": "amd64", "ppc64el": "ppc64le", "arm64": "aarch64"}
+
+
+class Params(StageParams):
+    format: str
+    arch: str
+    image_name: str
+    docker_tag: str
+    epoch: int
 
 
 def tar_repro(epoch: int) -> list[str]:
@@ -100,7 +107,7 @@ Maker = Callable[[Context, Path, Path, _Made], Awaitable[None]]
 
 
 def _epoch(ctx: Context) -> int:
-    return int(ctx.job.params["epoch"])
+    return ctx.params(Params).epoch
 
 
 def _own_file(path: Path, mode: int) -> None:
@@ -150,18 +157,18 @@ def aci_manifest(name: str, arch: str) -> dict[str, object]:
         "name": formats.ac_identifier(name),
         "labels": [
             {"name": "os", "value": "linux"},
-            {"name": "arch", "value": APPC_ARCH.get(arch, arch)},
+            {"name": "arch", "value": arches.get(arch).aci},
         ],
     }
 
 
 async def _aci(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
     """manifest and rootfs/ are the only top-level names an ACI may have."""
-    p = ctx.job.params
+    p = ctx.params(Params)
     staging = ctx.cell_work / "aci"
     staging.mkdir(exist_ok=True)
     manifest = staging / "manifest"
-    manifest.write_text(json.dumps(aci_manifest(p["image_name"], p["arch"])))
+    manifest.write_text(json.dumps(aci_manifest(p.image_name, p.arch)))
     _own_file(manifest, 0o644)
     await proc.run(
         [
@@ -185,8 +192,10 @@ def rfc3339(epoch: int) -> str:
 
 
 def docker_config(arch: str, layer_digest: str, created: str) -> dict[str, object]:
+    a = arches.get(arch)
     return {
-        "architecture": OCI_ARCH.get(arch, arch),
+        "architecture": a.oci,
+        **({"variant": a.oci_variant} if a.oci_variant else {}),
         "os": "linux",
         "created": created,
         "config": {
@@ -214,8 +223,8 @@ async def _docker(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
     the sha256 of its bytes, and one uncompressed layer whose sha256 is its diff_id. Both
     tars are reproducible and the config is created at the epoch, so both digests are
     stable."""
-    p = ctx.job.params
-    epoch = _epoch(ctx)
+    p = ctx.params(Params)
+    epoch = p.epoch
     staging = ctx.cell_work / "docker"
     staging.mkdir(exist_ok=True)
     members = staging / "layer.members"
@@ -239,11 +248,11 @@ async def _docker(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
     (staging / layer_digest).mkdir(exist_ok=True)
     os.replace(layer, staging / layer_digest / "layer.tar")
     config = json.dumps(
-        docker_config(p["arch"], layer_digest, rfc3339(epoch)), sort_keys=True
+        docker_config(p.arch, layer_digest, rfc3339(epoch)), sort_keys=True
     ).encode()
     config_name = f"{hashlib.sha256(config).hexdigest()}.json"
     (staging / config_name).write_bytes(config)
-    manifest = docker_manifest(config_name, p["docker_tag"], layer_digest)
+    manifest = docker_manifest(config_name, p.docker_tag, layer_digest)
     (staging / "manifest.json").write_text(json.dumps(manifest))
     for name in ("manifest.json", config_name, f"{layer_digest}/layer.tar"):
         _own_file(staging / name, 0o644)
@@ -273,7 +282,7 @@ MAKERS: dict[str, Maker] = {
 
 
 async def run(ctx: Context) -> Output:
-    fmt = ctx.job.params["format"]
+    fmt = ctx.params(Params).format
     maker = MAKERS.get(fmt)
     if maker is None:
         raise StageError(f"no packer for format {fmt!r}")
@@ -291,3 +300,11 @@ async def run(ctx: Context) -> Output:
     if made.warnings:
         info["warnings"] = made.warnings
     return Output(dest, info)
+
+
+def cost(params: Mapping[str, Any]) -> float:
+    fmt = formats.FORMATS.get(str(params.get("format")))
+    return fmt.cost if fmt is not None else 2.0
+
+
+STAGE = Stage(kind="pack", recipe=1, params=Params, run=run, cost=cost, module=__name__)

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, Literal
 
-from factory import proc
+from factory import formats, proc
 from factory.fsutil import aside, atomic_write, sha256_file
 from factory.results import Output, StageError
-from factory.stages import Context
+from factory.stages import Context, Stage, StageParams
+
+
+class Params(StageParams):
+    format: str
+    source: Literal["disk", "tree"]
+    name: str  # under OUT
+    qemu: str | None  # qemu-img's name of a disk format
+    layout: str = ""  # of a cell with several disks
+
 
 # qemu-img check knows these; raw and vpc have nothing to check.
 CHECKABLE = frozenset({"qcow2", "vmdk", "vdi", "vhdx", "qed", "parallels"})
@@ -45,17 +56,17 @@ def place(tmp: Path, dest: Path, digest: str, cell: str, fmt: str, name: str) ->
 
 
 async def run(ctx: Context) -> Output:
-    p = ctx.job.params
+    p = ctx.params(Params)
     (dep,) = ctx.job.deps
     src_out = ctx.inputs[dep]
     src = src_out.path
     if src is None or not src.exists():
         raise StageError(f"{ctx.job.id}: nothing to publish from {dep}")
-    dest = ctx.ws.out / p["name"]
+    dest = ctx.ws.out / p.name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if p["source"] == "disk":
+    if p.source == "disk":
         ctx.emit("checking")
-        await verify_disk(src, p["qemu"], src_out.info.get("virtual_size"))
+        await verify_disk(src, p.qemu or p.format, src_out.info.get("virtual_size"))
     # A file fetched from a build host arrives checksummed (its copy checked against the
     # worker's sha256 by executors/placement.py): hashing it again would only cost time.
     digest = src_out.info.get("sha256")
@@ -70,6 +81,15 @@ async def run(ctx: Context) -> Output:
             os.link(src, tmp)
         else:
             os.rename(src, tmp)
-        return place(tmp, dest, digest, ctx.job.cell, p["format"], p["name"])
+        return place(tmp, dest, digest, ctx.job.cell, p.format, p.name)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cost(params: Mapping[str, Any]) -> float:
+    """Hashing; a raw disk is read whole (the others are small by then)."""
+    fmt = formats.FORMATS.get(str(params.get("format")))
+    return fmt.cost if fmt is not None and fmt.name == "raw" else 1.0
+
+
+STAGE = Stage(kind="publish", recipe=1, params=Params, run=run, cost=cost, module=__name__)

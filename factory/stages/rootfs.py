@@ -1,44 +1,50 @@
-"""rootfs: the chroot stage, built once per cell with mmdebstrap and cached by its key.
+"""rootfs: the chroot stage, built once per cell by the distro family's bootstrap
+(mmdebstrap for Debian) and cached by its key.
 
-The initramfs is not built here: update-initramfs is diverted while packages install
-(the kernel's postinst and the initramfs-tools trigger would each build one) and restored
-afterwards; finalise builds it once. A foreign arch runs its maintainer scripts through
-qemu-user, so binfmt_misc is checked (and set up) before mmdebstrap starts.
+The initramfs is not built here (the family defers it); finalise builds it once. A
+foreign arch runs its maintainer scripts through qemu-user, so binfmt_misc is checked
+(and set up) before the bootstrap starts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-import shlex
 import shutil
 from pathlib import Path
 
 import anyio
 
-from factory import archive, proc, repro, sizing
+from factory import arches, archive, distros, proc, repro, sizing
 from factory.proc import CommandError
 from factory.results import Output, StageError
-from factory.stages import Context
+from factory.stages import Context, Stage, StageParams
 
-DIVERT = (
-    'chroot "$1" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.factory '
-    "--add /usr/sbin/update-initramfs && "
-    "printf '#!/bin/sh\\necho update-initramfs: deferred to finalise >&2\\n' "
-    '> "$1/usr/sbin/update-initramfs" && chmod 755 "$1/usr/sbin/update-initramfs"'
-)
-UNDIVERT = (
-    'rm -f "$1/usr/sbin/update-initramfs" && '
-    'chroot "$1" dpkg-divert --local --rename --divert /usr/sbin/update-initramfs.factory '
-    "--remove /usr/sbin/update-initramfs"
-)
-
-
-# Debian arch → the qemu-user binfmt entry (package qemu-user-static) that runs it.
-QEMU_USER = {"amd64": "x86_64", "arm64": "aarch64", "ppc64el": "ppc64le"}
 BINFMT = Path("/proc/sys/fs/binfmt_misc")
 BINFMT_ENTRIES = Path("/usr/share/binfmts")
 _binfmt_lock = anyio.Lock()
+
+
+class SuiteState(StageParams):
+    """One suite as the plan read it (factory.archive.Suite.to_json)."""
+
+    suite: str
+    uri: str
+    components: tuple[str, ...]
+    date: str
+    sha256: str
+
+
+class Params(StageParams):
+    family: str
+    release: str
+    arch: str
+    packages: tuple[str, ...]
+    mirror: str
+    updates: bool
+    security: bool
+    epoch: int
+    sources: str | None = None  # the apt sources the archive state was read from
+    archive: tuple[SuiteState, ...] = ()
 
 
 async def host_arch() -> str:
@@ -51,8 +57,8 @@ async def ensure_runnable(arch: str) -> None:
     for the whole machine, as systemd would, and left so: other builds may be using it."""
     if arch == await host_arch():
         return
-    qemu = QEMU_USER.get(arch)
-    if qemu is None or not (BINFMT_ENTRIES / f"qemu-{qemu}").is_file():
+    qemu = arches.get(arch).qemu_user
+    if not (BINFMT_ENTRIES / f"qemu-{qemu}").is_file():
         raise StageError(
             f"cannot run {arch} programs on this machine: install qemu-user-static "
             "(and binfmt-support)"
@@ -73,93 +79,39 @@ async def ensure_runnable(arch: str) -> None:
         )
 
 
-def sources(params: dict[str, object]) -> str:
+def sources(p: Params) -> str:
     """The tree's apt sources: as planned (with the archive state read from them), or
     made here from the mirror settings for a plan made without it."""
-    if isinstance(params.get("sources"), str):
-        return str(params["sources"])
+    if p.sources is not None:
+        return p.sources
     try:
-        return archive.debian_sources(
-            str(params["release"]),
-            str(params["mirror"]),
-            bool(params["updates"]),
-            bool(params["security"]),
-        )
+        return archive.family_sources(p.family, p.release, p.mirror, p.updates, p.security)
     except archive.ArchiveError as exc:
         raise StageError(str(exc)) from None
 
 
-def keep_release_files(dest: Path) -> str:
-    """A customize hook that copies the Release files apt used out of the tree, before
-    mmdebstrap's clean-up deletes them: they say which archive state the tree is of."""
-    folder = shlex.quote(str(dest))
-    return (
-        f'mkdir -p {folder} && for f in "$1"/var/lib/apt/lists/*Release; do '
-        f'[ -e "$f" ] && cp "$f" {folder}/; done; true'
-    )
-
-
-def check_archive(planned: list[dict[str, object]], used: Path) -> None:
+def check_archive(planned: tuple[SuiteState, ...], used: Path) -> None:
     """The tree must come from the archive state its key names: if a suite moved between
     the plan's reading and apt's, the tree would be cached under a key it does not match."""
     seen = {
         hashlib.sha256(f.read_bytes()).hexdigest() for f in used.glob("*Release") if f.is_file()
     }
     for suite in planned:
-        if suite.get("sha256") not in seen:
+        if suite.sha256 not in seen:
             raise StageError(
-                f"the archive moved while the tree was built: suite {suite.get('suite')} at "
-                f"{suite.get('uri')} is no longer the one planned (run again)"
+                f"the archive moved while the tree was built: suite {suite.suite} at "
+                f"{suite.uri} is no longer the one planned (run again)"
             )
 
 
-def mmdebstrap_args(
-    params: dict[str, object], target: Path, sources_file: Path, lists: Path | None = None
-) -> list[str]:
-    packages = ",".join(map(str, params["packages"]))  # type: ignore[call-overload]
-    keep = [f"--customize-hook={keep_release_files(lists)}"] if lists is not None else []
-    return [
-        "mmdebstrap",
-        "--variant=minbase",
-        "--mode=root",
-        "--format=directory",
-        f"--architectures={params['arch']}",
-        f"--include={packages}",
-        '--aptopt=Acquire::Retries "3"',
-        "--dpkgopt=force-unsafe-io",
-        f"--essential-hook={DIVERT}",
-        f"--customize-hook={UNDIVERT}",
-        *keep,
-        str(params["release"]),
-        str(target),
-        str(sources_file),
-    ]
-
-
-_INDEX_FAIL = re.compile(
-    r"(?:Failed to fetch|Hash Sum mismatch|File has unexpected size).*?"
-    r"dists/(?P<suite>[\w.-]+)/"
-)
-
-
-def explain(exc: CommandError, arch: str) -> str:
-    """Turn apt's failure on a broken mirror index into the setting that avoids it."""
-    for line in exc.tail:
-        m = _INDEX_FAIL.search(line)
-        if m:
-            suite = m["suite"]
-            kind = suite.rsplit("-", 1)[-1] if "-" in suite else ""
-            hint = (
-                f"set [mirrors] {kind} = false to leave it out"
-                if kind in ("updates", "security")
-                else "check the mirror"
-            )
-            return f"the mirror's index for {suite} ({arch}) failed to download ({hint})"
-    return str(exc)
+def explain(exc: CommandError, family: distros.Family, arch: str) -> str:
+    """The family's reading of a failed bootstrap, else the command's own error."""
+    return family.explain_bootstrap(exc.tail, arch) or str(exc)
 
 
 async def run(ctx: Context) -> Output:
-    p = ctx.job.params
+    p = ctx.params(Params)
+    family = distros.get(p.family)
     cache = ctx.ws.cache
     meta: dict[str, object] = {"kind": "rootfs", "cell": ctx.job.cell}
     async with cache.lock(ctx.job.key, ctx.emit):
@@ -173,17 +125,32 @@ async def run(ctx: Context) -> Output:
         sources_file = ctx.cell_work / "apt.sources"
         lists = ctx.cell_work / "apt-lists"
         sources_file.write_text(sources(p))
-        await ensure_runnable(str(p["arch"]))
+        await ensure_runnable(p.arch)
         async with cache.building(ctx.job.key, meta) as root:
-            ctx.emit("mmdebstrap")
+            args = family.bootstrap_args(
+                release=p.release,
+                arch=p.arch,
+                packages=p.packages,
+                target=root,
+                sources_file=sources_file,
+                lists=lists,
+            )
+            ctx.emit(args[0])
             try:
-                await proc.run(
-                    mmdebstrap_args(p, root, sources_file, lists),
-                    env=repro.source_date_env(int(str(p["epoch"]))),
-                )
+                await proc.run(args, env=repro.source_date_env(p.epoch))
             except CommandError as exc:
-                raise StageError(explain(exc, str(p["arch"]))) from exc
-            check_archive(list(p.get("archive") or []), lists)
-            meta["bytes"] = sizing.measure(root).allocated
+                raise StageError(explain(exc, family, p.arch)) from exc
+            check_archive(p.archive, lists)
+            meta["bytes"] = (await sizing.measure_async(root)).allocated
         built = await cache.use(ctx.job.key)
         return Output(built.root, {"cached": False, "bytes": meta["bytes"]})
+
+
+STAGE = Stage(
+    kind="rootfs",
+    recipe=1,
+    params=Params,
+    run=run,
+    cost=lambda p: 60.0,  # rough CPU seconds on a warm cache
+    module=__name__,
+)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from factory import proc
+from factory import arches, distros, proc
+from factory.distros import debian
 from factory.results import StageError
 from factory.stages import boot, bootloader, finalise, rootfs
 
 UUID = "6d53d9fc-503d-5842-9fe5-2accc67a7fcc"
+AMD64 = arches.get("amd64")
 
 
 def test_gpt_bios_patch_sets_both_sectors_and_keeps_the_rest() -> None:
@@ -35,21 +37,23 @@ def test_esp_config_finds_root_and_its_grub_cfg() -> None:
 
 async def test_esp_uses_shim_and_signed_grub_when_the_tree_has_them(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
-    for rel in (bootloader.SHIM, bootloader.SIGNED_GRUB):
+    signed = bootloader.SignedEfi.of(AMD64)
+    for rel in (signed.shim, signed.grub):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_bytes(b"MZ")
-    files = await bootloader.esp_files(tree, UUID, tmp_path)
+    files = await bootloader.esp_files(tree, UUID, tmp_path, AMD64, "debian")
     assert [f.dest for f in files] == [
         "EFI/BOOT/BOOTX64.EFI",
         "EFI/BOOT/grubx64.efi",
         "EFI/debian/grub.cfg",
     ]
-    assert files[0].source == tree / bootloader.SHIM
+    assert files[0].source == tree / "usr/lib/shim/shimx64.efi.signed"
+    assert files[1].source == tree / "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"
 
 
 async def test_esp_without_grub_modules_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="no grub modules for x86_64-efi"):
-        await bootloader.esp_files(tmp_path, UUID, tmp_path)
+        await bootloader.esp_files(tmp_path, UUID, tmp_path, AMD64, "debian")
 
 
 @pytest.mark.skipif(not shutil.which("mkfs.vfat") or not shutil.which("mdir"), reason="mtools")
@@ -95,9 +99,9 @@ def test_grub_cfg_per_arch() -> None:
 def test_initramfs_lists_what_a_vm_image_needs(
     arch: str, filesystem: str, wanted: set[str]
 ) -> None:
-    config = finalise.initramfs_config(arch, filesystem)
-    assert "MODULES=list" in config[finalise.INITRAMFS_CONF]
-    listed = {line for line in config[finalise.INITRAMFS_LIST].splitlines() if line[:1] != "#"}
+    config = debian.initramfs_config(arch, filesystem)
+    assert "MODULES=list" in config[debian.INITRAMFS_CONF]
+    listed = {line for line in config[debian.INITRAMFS_LIST].splitlines() if line[:1] != "#"}
     assert wanted <= listed
 
 
@@ -112,7 +116,7 @@ def test_qemu_for_uefi_uses_a_writable_vars_copy(tmp_path: Path) -> None:
     vars_copy = tmp_path / "vars.fd"
     args = boot.qemu_args(tmp_path / "d.raw", "raw", "amd64", "uefi", vars_copy)
     pflash = [a for a in args if a.startswith("if=pflash")]
-    assert any("readonly=on" in a and str(boot.OVMF_CODE) in a for a in pflash)
+    assert any("readonly=on" in a and str(AMD64.uefi["uefi"][0]) in a for a in pflash)
     assert any(str(vars_copy) in a and "readonly" not in a for a in pflash)
 
 
@@ -142,7 +146,8 @@ def test_a_broken_security_index_is_one_line_naming_the_setting() -> None:
         "Mirror sync in progress? [IP: 192.0.2.1 80]",
         "E: mmdebstrap failed to run",
     ]
-    message = rootfs.explain(proc.CommandError(["mmdebstrap"], 25, tail), "ppc64el")
+    error = proc.CommandError(["mmdebstrap"], 25, tail)
+    message = rootfs.explain(error, distros.get("debian"), "ppc64el")
     assert message == (
         "the mirror's index for bookworm-security (ppc64el) failed to download "
         "(set [mirrors] security = false to leave it out)"

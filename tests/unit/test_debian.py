@@ -14,6 +14,7 @@ from factory.distros.debian import (
     sources_for,
     sources_for_url,
 )
+from factory.layouts import LAYOUTS
 
 BOOKWORM_DEB822 = """\
 Types: deb deb-src
@@ -254,11 +255,12 @@ def test_rendered_sources_parse_back() -> None:
     ],
 )
 def test_packages_for(arch: str, layout: str, kernel: str, grub: str) -> None:
-    got = packages_for("bookworm", arch, [layout], ["openssh-server", "curl", "openssh-server"])
+    methods = LAYOUTS[layout].boot_methods(arch)
+    got = packages_for("bookworm", arch, methods, ["openssh-server", "curl", "openssh-server"])
     assert got == sorted(set(got))  # sorted, no repeats
     assert kernel in got
     assert grub in got
-    assert set(debian.BOOTLOADER[layout]) <= set(got)
+    assert {pkg for m in methods for pkg in debian.bootloader(m, arch)} <= set(got)
     assert set(debian.BASE) <= set(got)
     assert {"openssh-server", "curl"} <= set(got)
     assert got.count("openssh-server") == 1
@@ -267,14 +269,24 @@ def test_packages_for(arch: str, layout: str, kernel: str, grub: str) -> None:
 
 
 def test_packages_for_user_package_already_in_base() -> None:
-    plain = packages_for("trixie", "amd64", ["mbr"], [])
-    assert packages_for("trixie", "amd64", ["mbr"], ["udev", "systemd-sysv"]) == plain
+    plain = packages_for("trixie", "amd64", ["bios-mbr"], [])
+    assert packages_for("trixie", "amd64", ["bios-mbr"], ["udev", "systemd-sysv"]) == plain
 
 
-def test_packages_for_several_layouts_are_their_union() -> None:
-    both = packages_for("bookworm", "amd64", ["mbr", "gpt-efi"], [])
-    assert both == packages_for("bookworm", "amd64", ["gpt-efi"], [])
-    assert set(packages_for("bookworm", "amd64", ["mbr"], [])) < set(both)
+def test_packages_for_several_boot_methods_are_their_union() -> None:
+    both = packages_for("bookworm", "amd64", ["bios-mbr", "uefi", "bios-gpt"], [])
+    assert both == packages_for("bookworm", "amd64", ["uefi", "bios-gpt"], [])
+    assert set(packages_for("bookworm", "amd64", ["bios-mbr"], [])) < set(both)
+    uefi = set(packages_for("bookworm", "amd64", ["uefi"], []))
+    assert {"shim-signed", "grub-efi-amd64-signed", "grub-efi-amd64-bin"} <= uefi
+    assert "grub-pc-bin" not in uefi
+
+
+def test_package_names_follow_the_family_rule() -> None:
+    assert debian.FAMILY.package_problem("openssh-server") is None
+    assert debian.FAMILY.package_problem("libc6:amd64=2.36-9") is None
+    problem = debian.FAMILY.package_problem("NetworkManager")
+    assert problem is not None and "not a Debian package name" in problem
 
 
 EMBEDDED_KEY = """\

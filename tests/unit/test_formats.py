@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from factory import formats
+from factory.arches import ARCHES
 from factory.plan import make_plan
 from factory.spec import load_matrix
+from factory.stages import registry
 from factory.stages.convert import convert_args, vhd_util_steps
 from factory.stages.pack import (
     aci_manifest,
@@ -116,7 +118,7 @@ def test_threads_follow_the_cpu_budget(budget: int | None, cores: int, expected:
 
 def test_costs_order_the_long_jobs_first() -> None:
     def cost(kind: str, fmt: str, **extra: str) -> float:
-        return formats.job_cost(kind, {"format": fmt, **extra})
+        return registry.cost(kind, {"format": fmt, **extra})
 
     assert cost("convert", "qcow2", compression="zlib") > cost("convert", "vdi")
     assert cost("convert", "qcow2", compression="zstd") < cost(
@@ -125,7 +127,9 @@ def test_costs_order_the_long_jobs_first() -> None:
     assert cost("convert", "vmdk") > cost("pack", "tgz") > cost("pack", "squashfs")
     assert cost("pack", "squashfs") > cost("pack", "tar")
     assert cost("publish", "raw") > cost("publish", "qcow2")
-    assert formats.job_cost("assemble", {}) > 0
+    assert registry.cost("assemble", {}) > 0
+    assert registry.cost("rootfs", {}) > registry.cost("finalise", {})
+    assert registry.cost("finalise", {}) > registry.cost("assemble", {})
 
 
 @pytest.mark.parametrize(
@@ -148,7 +152,7 @@ def test_ac_identifier_needs_a_letter_or_digit() -> None:
 
 
 @pytest.mark.parametrize(
-    ("arch", "appc"), [("amd64", "amd64"), ("ppc64el", "ppc64le"), ("arm64", "aarch64")]
+    ("arch", "appc"), [(name, a.aci) for name, a in ARCHES.items()]
 )
 def test_aci_manifest_per_appc_spec(arch: str, appc: str) -> None:
     m = aci_manifest(f"Debian-Bookworm-{arch}", arch)
@@ -192,3 +196,47 @@ def test_bench_matrix_plans_all_ten_formats() -> None:
     published = sorted(j.params["format"] for j in plan.jobs if j.kind == "publish")
     assert published == sorted(TEN)
     assert len(plan.cells()) == 1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "value"),
+    [
+        ("qcow2", "compat", "0.10"),
+        ("qcow2", "cluster_size", "65536"),
+        ("qcow2", "lazy_refcounts", "on"),
+        ("vhd", "subformat", "fixed"),
+        ("vmdk", "adapter_type", "lsilogic"),
+        ("vmdk", "hwversion", "6"),
+        ("vdi", "static", "on"),
+    ],
+)
+def test_qemu_img_options_that_are_offered(fmt: str, name: str, value: str) -> None:
+    formats.check_qemu_img_option(fmt, name, value)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "value", "says"),
+    [
+        ("qcow2", "compt", "0.10", "valid: compat, cluster_size"),
+        ("qcow2", "compat", "0.9", "valid: 0.10, 1.1, v2, v3"),
+        ("qcow2", "cluster_size", "1000", "a power of two"),
+        ("qcow2", "backing_file", "/etc/passwd", "no option 'backing_file'"),
+        ("vmdk", "subformat", "monolithicFlat", "valid: streamOptimized, monolithicSparse"),
+        ("raw", "size", "1", "takes no qemu-img options"),
+    ],
+)
+def test_qemu_img_options_refused_list_the_valid_ones(
+    fmt: str, name: str, value: str, says: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        formats.check_qemu_img_option(fmt, name, value)
+
+
+def test_qemu_img_options_come_last_in_the_one_o() -> None:
+    args = convert_args("qcow2", "zstd", None, 2, {"cluster_size": "65536"})
+    assert args.count("-o") == 1
+    assert args[args.index("-o") + 1] == "compression_type=zstd,cluster_size=65536"
+    plain = convert_args("qcow2", "zlib", None, 2, {"compat": "0.10"})
+    assert plain[plain.index("-o") + 1] == "compat=0.10"
+    vhd = convert_args("vhd", None, "dynamic", 2, {"subformat": "fixed"})
+    assert vhd[vhd.index("-o") + 1] == "subformat=dynamic,force_size=on,subformat=fixed"

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from factory.layouts import ARCH_LAYOUTS, LAYOUTS, SECTOR, Layout, MiB, resolve
+from factory.arches import ARCHES
+from factory.layouts import LAYOUTS, SECTOR, Layout, MiB, fitting, resolve
 
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -122,7 +123,8 @@ def test_resolve_and_arch_table() -> None:
     assert resolve("auto", "amd64").name == "mbr"
     assert resolve("auto", "ppc64el").name == "ppc-prep"
     assert resolve("gpt-efi", "amd64").name == "gpt-efi"
-    for arch, names in ARCH_LAYOUTS.items():
+    for arch in ARCHES:
+        names = fitting(arch)
         assert names, arch
         assert all(n in LAYOUTS for n in names)
     for name, layout in LAYOUTS.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from factory import plan as plan_mod
 from factory.plan import KINDS, Plan, hook_digest, job_key, make_plan
 from factory.spec import load_matrix
+from factory.stages import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 NIGHTLY = ROOT / "matrix" / "nightly.toml"
@@ -223,7 +224,8 @@ def test_boot_test_adds_a_boot_job_after_assemble(tmp_path: Path) -> None:
 def test_layout_follows_the_arch(nightly: Plan) -> None:
     for j in nightly.jobs:
         if j.kind == "assemble":
-            assert j.params["layout"] == {"amd64": "mbr", "ppc64el": "ppc-prep"}[j.arch]
+            assert j.params["layout"]["name"] == {"amd64": "mbr", "ppc64el": "ppc-prep"}[j.arch]
+            assert j.params["boot"] == {"amd64": ["bios-mbr"], "ppc64el": ["prep"]}[j.arch]
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -305,8 +307,24 @@ def test_job_key_ignores_locations_and_dep_order() -> None:
 
 def test_recipe_bump_changes_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     before = job_key("rootfs", {"a": 1}, [])
-    monkeypatch.setitem(plan_mod.RECIPES, "rootfs", plan_mod.RECIPES["rootfs"] + 1)
+    stage = registry.STAGES["rootfs"]
+    monkeypatch.setitem(
+        registry.STAGES, "rootfs", dataclasses.replace(stage, recipe=stage.recipe + 1)
+    )
     assert job_key("rootfs", {"a": 1}, []) != before
+
+
+def test_code_fingerprint_is_in_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed stage module (or a module it imports) gives new keys for its kind only."""
+    before = {kind: job_key(kind, {"a": 1}, []) for kind in registry.STAGES}
+    assert "factory.distros.debian" in registry.code_of("finalise")
+    assert "factory.stages.bootloader" in registry.code_of("assemble")
+    real = registry.fingerprint
+    monkeypatch.setattr(
+        registry, "fingerprint", lambda kind: "changed" if kind == "finalise" else real(kind)
+    )
+    after = {kind: job_key(kind, {"a": 1}, []) for kind in registry.STAGES}
+    assert [k for k in registry.STAGES if after[k] != before[k]] == ["finalise"]
 
 
 def test_hook_digest(tmp_path: Path) -> None:
@@ -354,5 +372,7 @@ def test_several_layouts_give_a_cell_a_disk_each_from_one_tree(tmp_path: Path) -
     by_id = p.by_id()
     # The amd64 tree carries both boot loaders; each boot job boots its own disk.
     assert {"grub-pc-bin", "shim-signed"} <= set(by_id[f"rootfs:{amd}"].params["packages"])
-    assert by_id[f"finalise:{amd}"].params["layouts"] == ["mbr", "gpt-efi"]
+    assert by_id[f"finalise:{amd}"].params["boot"] == ["bios-mbr", "uefi", "bios-gpt"]
+    assert by_id[f"boot:{amd}:gpt-efi"].params["boot"] == "uefi"
+    assert by_id[f"boot:{amd}:mbr"].params["boot"] == "bios-mbr"
     assert by_id[f"boot:{amd}:gpt-efi"].deps == (f"assemble:{amd}:gpt-efi",)

@@ -18,7 +18,9 @@ from typing import Any
 import anyio
 import pytest
 
+from factory import distros
 from factory.cache import Cache
+from factory.distros import debian
 from factory.plan import Job
 from factory.stages import Context, Workspace, chroot, finalise, pack
 
@@ -212,7 +214,7 @@ def test_leftovers_go_and_logs_are_emptied(tmp_path: Path) -> None:
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_text("2026-12-02 00:00:00 something\n")
     (tree / keep[0]).mkdir(parents=True)
-    finalise._remove_leftovers(tree)
+    finalise._remove_leftovers(tree, distros.get("debian").leftovers)
     assert [rel for rel in gone if (tree / rel).exists()] == []
     assert all((tree / rel).exists() for rel in keep)
     assert (tree / "var/log/dpkg.log").read_text() == ""
@@ -226,7 +228,7 @@ def test_manifest_rows_have_source_and_maintainer_in_order() -> None:
         "libc6\t2.36-9\ti386\tinstalled\tglibc\t2.36-9\tGNU Libc <l@example.org>\n"
         "libc6\t2.36-9\tamd64\tinstalled\tglibc\t2.36-9\tGNU Libc <l@example.org>\n"
     )
-    rows = finalise.manifest_rows(text)
+    rows = debian.manifest_rows(text)
     assert [(r["package"], r["arch"]) for r in rows] == [
         ("libc6", "amd64"),
         ("libc6", "i386"),
@@ -270,20 +272,24 @@ def test_chroot_commands_run_on_the_cells_clock(
         arch="amd64",
         deps=(),
         key="1" * 64,
-        params={
-            "arch": "amd64",
-            "filesystem": "ext4",
-            "epoch": EPOCH,
-            "release": "bookworm",
-            "family": "debian",
-            "image_name": "c",
-        },
+        params={},
     )
     ctx = Context(job, {}, Workspace(tmp_path / "o", Cache(tmp_path / "c")), lambda _: None)
     tree = tmp_path / "tree"
     tree.mkdir()
-    hooks = [{"name": "h", "path": str(hook.parent.parent)}]
-    anyio.run(finalise._in_chroot, ctx, tree, hooks)
+    params = finalise.Params(
+        family="debian",
+        release="bookworm",
+        arch="amd64",
+        boot=("bios-mbr",),
+        root_uuid="u",
+        filesystem="ext4",
+        image_name="c",
+        hooks=(finalise.Hook(name="h", digest="d", path=str(hook.parent.parent)),),
+        manifest="c/c.manifest.json",
+        epoch=EPOCH,
+    )
+    anyio.run(finalise._in_chroot, ctx, params, distros.get("debian"), tree)
     assert [argv[0] for argv, _ in seen] == [
         "update-initramfs",
         "systemctl",
