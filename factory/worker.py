@@ -39,7 +39,7 @@ from factory.fsutil import data_extents, sha256_file
 from factory.plan import Job, Plan, hook_digest, job_key
 from factory.results import Output
 from factory.scheduler import Scheduler
-from factory.stages import Workspace
+from factory.stages import Workspace, registry
 
 PIDFILE = "worker.pid"
 
@@ -59,9 +59,14 @@ def read_request(line: str) -> Request:
 
 
 def validate_params(plan: Plan) -> None:
-    """The one place a received plan's jobs are checked beyond their shape (each stage's
-    params belong here too); Refused says what is wrong, in one line. Today: every key
-    against its params (check_keys)."""
+    """The one place a received plan's jobs are checked beyond their shape: each job's
+    params against its stage's Params (the registry), then every key against its params
+    (check_keys). Refused says what is wrong, in one line."""
+    for job in plan.jobs:
+        try:
+            registry.validate(job.kind, job.params, job.id)
+        except registry.ParamsError as exc:
+            raise Refused(str(exc)) from None
     try:
         check_keys(plan)
     except (KeyError, TypeError, ValueError, OSError) as exc:

@@ -119,19 +119,24 @@ def test_a_go_line_names_a_job_of_the_plan() -> None:
         assert str(caught.value).startswith("the controller sent ") and says in str(caught.value)
 
 
-def test_params_that_cannot_be_checked_are_refused_in_one_line(tmp_path: Path) -> None:
+def test_params_that_do_not_fit_their_stage_are_refused_in_one_line(tmp_path: Path) -> None:
+    """validate_params: the stage registry's Params, then the keys and hook digests."""
     plan = make_plan(matrix())
-    rootfs = plan.jobs[0]
+    jobs = plan.by_id()
+    finalise = jobs[f"finalise:{CELL}"]
     for hooks, says in [
-        ([{"name": "h"}], "the plan's params cannot be checked (KeyError: 'path')"),
+        ([{"name": "h"}], f"finalise:{CELL}: malformed params: hooks.0"),
         ([{"name": "h", "path": str(tmp_path), "digest": "x"}], "hook h arrived different"),
     ]:
-        params = {**rootfs.params, "hooks": hooks}
-        changed = rootfs.model_copy(update={"params": params, "key": job_key("rootfs", params, [])})
-        bad = plan.model_copy(update={"jobs": (changed, *plan.jobs[1:])})
+        params = {**finalise.params, "hooks": hooks}
+        key = job_key("finalise", params, [jobs[d].key for d in finalise.deps])
+        changed = finalise.model_copy(update={"params": params, "key": key})
+        bad = plan.model_copy(
+            update={"jobs": tuple(changed if j.id == changed.id else j for j in plan.jobs)}
+        )
         with pytest.raises(Refused) as caught:
             read_request(Request(plan=bad, dir="/d", cache="/c").line())
-        assert says in str(caught.value) and "\n" not in str(caught.value)
+        assert says in str(caught.value) and "\n" not in str(caught.value), caught.value
 
 
 def test_the_real_worker_refuses_a_malformed_request_in_one_line() -> None:
