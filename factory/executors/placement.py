@@ -742,7 +742,7 @@ class CellRun:
         if remote is None:
             raise StageError(f"{job.id}: {job.deps[0]} on {session.host} left no file to fetch")
         ws = self.farm.local.ws
-        dest = ws.out / job.params["name"]
+        dest = ws.out / Context(job, {}, ws, emit).params(publish.Params).name
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = aside(dest.with_name(f"{dest.name}.fetched"))
         try:
