@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, TextIO
+from typing import Any, ClassVar, Literal, TextIO
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 EventKind = Literal[
     "run-start",  # data: matrix, jobs
@@ -39,12 +41,44 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 
+    # How from_json reads a line: every field of its type, no others (pydantic reads this).
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(
+        strict=True, extra="forbid", allow_inf_nan=False
+    )
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, line: str) -> Event:
-        return cls(**json.loads(line))
+        """An event from a JSON line that may come from another host: each field checked
+        (kind one of EventKind, the types of the others, no unknown fields); ValueError
+        with one line saying what is wrong."""
+        try:
+            return _EVENT.validate_json(line)
+        except ValidationError as exc:
+            raise ValueError(first_error(exc)) from None
+
+
+def first_error(exc: ValidationError, under: str = "") -> str:
+    """A pydantic error as one line: the first wrong field (`under`: where the validated
+    value sits) and what is wrong with it, and how many more there are."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    loc = ".".join(str(p) for p in (*([under] if under else []), *err["loc"]))
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "json_invalid":
+        return f"not JSON ({msg.removeprefix('Invalid JSON: ')})"
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        msg = "unknown field"
+    elif err["type"] not in ("missing", "value_error", "assertion_error") and "input" in err:
+        got = repr(err["input"])
+        msg += f" (got {got[:60] + '...' if len(got) > 60 else got})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"field {loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+_EVENT = TypeAdapter(Event)
 
 
 class Bus:

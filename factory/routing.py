@@ -18,14 +18,15 @@ from factory.spec import Matrix
 @contextlib.asynccontextmanager
 async def router(matrix: Matrix, local: LocalExecutor, plan: Plan) -> AsyncIterator[Router]:
     """Jobs of cells whose arch has `[[hosts]]` go to those hosts (one cell, one host at a
-    time; see executors/ssh.py); every other job runs here. Connections are opened only
-    when some cell of the plan needs a host."""
+    time; see executors/placement.py), reached over SSH (executors/ssh.py); every other job
+    runs here. Connections are opened only when some cell of the plan needs a host."""
     hosts = matrix.hosts
     needed = {job.arch for job in plan.jobs}
     if not any(set(h.arches) & needed for h in hosts):
         yield lambda job: local
         return
-    from factory.executors import ssh  # asyncssh only when there is a host to talk to
+    # asyncssh only when there is a host to talk to
+    from factory.executors import placement, ssh
 
-    async with ssh.farm(hosts, matrix.fallback, plan, local) as farm:
+    async with placement.farm(hosts, matrix.fallback, plan, local, ssh.SshLink) as farm:
         yield farm.route

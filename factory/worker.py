@@ -1,16 +1,16 @@
 """`factory worker`: runs one cell's sub-plan on a build host for a controller over SSH.
 
 The command line is fixed (`factory worker`); everything else arrives as JSON on stdin, so
-no value from a matrix ever meets a shell. Protocol, one JSON object per line:
+no value from a matrix ever meets a shell. One JSON object per line, each a model of
+executors/protocol.py, checked on arrival:
 
-  stdin   {"protocol": 1, "plan": {...}, "dir": ..., "cache": ..., "refresh": false,
-           "loop": false (--loop),
-           "auto": [job ids to run at once], "fetch": [job ids whose file the controller
-           will fetch: sent back with size, sha256 and data extents]}
-          then {"go": "JOB"} lines: the controller's scheduler starts JOB (it owns the
-          host's slots); EOF: the controller is done with us (or gone): stop, clean up.
-  stdout  Event JSON lines, as `factory run --events json`, then `run-end` when every job
-          has finished (status "refused" and a message when the request is not accepted).
+  stdin   a `Request` (the sub-plan, the session folder `dir`, the host's `cache`, and
+          which jobs run at once and whose file the controller fetches), then `Go` lines:
+          the controller's scheduler starts JOB (it owns the host's slots); EOF: the
+          controller is done with us (or gone): stop, clean up.
+  stdout  Event JSON lines, as `factory run --events json` (a fetched job's `done` info
+          has a `RemoteFile`), then `run-end` when every job has finished; status
+          "refused" and a one-line message when a request or a go line is not accepted.
 
 The same Scheduler and LocalExecutor as `factory run` do the work, into `dir/out`, with the
 host's own tree cache; `dir` (made by the controller) is removed when the worker ends.
@@ -19,7 +19,6 @@ host's own tree cache; `dir` (made by the controller) is removed when the worker
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -28,66 +27,51 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
+import aiofiles
 import anyio
-from pydantic import ValidationError
 
 from factory import state
 from factory.cache import opened, remove_tree
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
+from factory.executors.protocol import FOLDER_PREFIX, Go, Malformed, RemoteFile, Request
 from factory.fsutil import data_extents, sha256_file
 from factory.plan import Job, Plan, hook_digest, job_key
 from factory.results import Output
 from factory.scheduler import Scheduler
-from factory.stages import Workspace
+from factory.stages import Workspace, registry
 
-PROTOCOL = 1
 PIDFILE = "worker.pid"
-FOLDER_PREFIX = "factory-"
 
 
 class Refused(Exception):
     """The request cannot be run as sent; the message says why (one line)."""
 
 
-class Request:
-    """The controller's request, checked: a self-consistent plan and plain absolute paths."""
+def read_request(line: str) -> Request:
+    """The controller's request, checked: its shape (protocol.Request), then its plan."""
+    try:
+        req = Request.parse(line)
+    except Malformed as exc:
+        raise Refused(str(exc)) from None
+    validate_params(req.plan)
+    return req
 
-    def __init__(self, line: str) -> None:
+
+def validate_params(plan: Plan) -> None:
+    """The one place a received plan's jobs are checked beyond their shape: each job's
+    params against its stage's Params (the registry), then every key against its params
+    (check_keys). Refused says what is wrong, in one line."""
+    for job in plan.jobs:
         try:
-            data = json.loads(line)
-        except ValueError as exc:
-            raise Refused(f"the request is not JSON ({exc})") from None
-        if not isinstance(data, dict) or data.get("protocol") != PROTOCOL:
-            got = data.get("protocol") if isinstance(data, dict) else None
-            raise Refused(
-                f"protocol {got!r} is not this worker's {PROTOCOL} "
-                "(install the same factory version on the controller and the host)"
-            )
-        try:
-            self.plan = Plan.model_validate(data.get("plan"))
-        except ValidationError as exc:
-            raise Refused(f"the plan does not validate: {exc.errors()[0]['msg']}") from None
-        self.dir = _absolute(data.get("dir"), "dir")
-        self.cache = _absolute(data.get("cache"), "cache")
-        self.refresh = bool(data.get("refresh", False))
-        self.loop = bool(data.get("loop", False))
-        ids = {j.id for j in self.plan.jobs}
-        self.auto = _ids(data.get("auto", []), ids, "auto")
-        self.fetch = _ids(data.get("fetch", []), ids, "fetch")
-        check_keys(self.plan)
-
-
-def _absolute(value: object, name: str) -> Path:
-    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-        raise Refused(f"{name}: {value!r} is not an absolute path")
-    return Path(value)
-
-
-def _ids(value: object, known: set[str], name: str) -> set[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v in known for v in value):
-        raise Refused(f"{name}: not a list of the plan's job ids")
-    return set(value)
+            registry.validate(job.kind, job.params, job.id)
+        except registry.ParamsError as exc:
+            raise Refused(str(exc)) from None
+    try:
+        check_keys(plan)
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        what = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise Refused(f"the plan's params cannot be checked ({' '.join(what.split())})") from None
 
 
 def check_keys(plan: Plan) -> None:
@@ -130,8 +114,8 @@ class Gated:
             emit("checksumming")
             size, digest = out.path.stat().st_size, await sha256_file(out.path)
             extents = data_extents(out.path)  # the controller reads these, not the holes
-            remote = {"path": str(out.path), "size": size, "sha256": digest, "extents": extents}
-            out = Output(out.path, {**out.info, "remote": remote})
+            remote = RemoteFile(path=str(out.path), size=size, sha256=digest, extents=extents)
+            out = Output(out.path, {**out.info, "remote": remote.model_dump(mode="json")})
         return out
 
 
@@ -179,7 +163,8 @@ async def clean_stale(workdir: Path) -> None:
     """Folders of workers that were killed (their pid is gone): nobody else removes them."""
     for folder in workdir.glob(f"{FOLDER_PREFIX}*"):
         try:
-            pid = int((folder / PIDFILE).read_text())
+            async with aiofiles.open(folder / PIDFILE) as fh:
+                pid = int(await fh.read())
         except (OSError, ValueError):
             continue  # not started yet, or not ours
         if not state.pid_alive(pid):
@@ -196,19 +181,21 @@ async def serve(stdin: int, stdout: TextIO) -> int:
     if first is None:
         return 0
     try:
-        req = Request(first)
+        req = read_request(first)
     except Refused as exc:
         bus.emit(Event("run-end", message=str(exc), data={"status": "refused"}))
         return 2
-    folder = req.dir
+    folder = Path(req.dir)
     out = folder / "out"
+    refused: list[str] = []  # a malformed go line: the controller is not one we understand
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / PIDFILE).write_text(f"{os.getpid()}\n")
-        with state.recording(out=str(out), cache=str(req.cache), worker=True):
+        async with aiofiles.open(folder / PIDFILE, "w") as fh:
+            await fh.write(f"{os.getpid()}\n")
+        with state.recording(out=str(out), cache=req.cache, worker=True):
             state.clean_leftovers()  # a killed worker's mounts and processes first
             await clean_stale(folder.parent)
-            async with opened(req.cache) as cache:
+            async with opened(Path(req.cache)) as cache:
                 jobs = len(req.plan.jobs)
                 local = LocalExecutor(
                     Workspace(out, cache, req.refresh, loop=req.loop), max(jobs, 1)
@@ -216,17 +203,20 @@ async def serve(stdin: int, stdout: TextIO) -> int:
                 gates = {job.id: anyio.Event() for job in req.plan.jobs}
                 for jid in req.auto:
                     gates[jid].set()
-                gated = Gated(local, gates, req.fetch)
+                gated = Gated(local, gates, set(req.fetch))
                 sched = Scheduler(req.plan, lambda job: gated, bus, out / "logs")
                 bus.emit(Event("run-start", data={"matrix": req.plan.matrix, "jobs": jobs}))
                 async with anyio.create_task_group() as tg:
 
                     async def controller() -> None:
                         async for line in lines:
-                            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                                jid = json.loads(line).get("go")
-                                if jid in gates:
-                                    gates[jid].set()
+                            if not line.strip():
+                                continue
+                            try:
+                                gates[Go.parse(line, gates).go].set()
+                            except Malformed as exc:
+                                refused.append(str(exc))
+                                break
                         stop.set()  # EOF: the controller is done with us, or gone
 
                     async def signals() -> None:
@@ -253,6 +243,9 @@ async def serve(stdin: int, stdout: TextIO) -> int:
     finally:
         with anyio.CancelScope(shield=True):
             await remove_tree(folder)
+    if refused:
+        bus.emit(Event("run-end", message=refused[0], data={"status": "refused"}))
+        return 2
     return 0
 
 
@@ -269,4 +262,4 @@ def main() -> int:
             events.close()
 
 
-__all__ = ["PROTOCOL", "Refused", "Request", "main", "serve"]
+__all__ = ["Refused", "main", "read_request", "serve", "validate_params"]

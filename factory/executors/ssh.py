@@ -1,47 +1,28 @@
-"""Runs the cells of an arch on remote build hosts over SSH, and brings their artifacts back.
+"""The SSH transport: how placement's sessions reach a build host, with asyncssh.
 
-A cell's jobs share one tree, so a cell runs on one host at a time: its first job starts
-one `factory worker` session there with the cell's sub-plan (publish jobs left out) as JSON
-on stdin. The controller's scheduler still decides when each job starts (it sends "go"
-while holding a slot of the host's limiter), and each job's `run()` here waits for that
-job's done/failed event from the worker's stream, so one scheduler, one progress display
-and one report serve local and remote jobs alike. Publish jobs fetch the file by SFTP
-(exact size, holes kept), check it against the worker's sha256, and rename it into OUT.
-
-A session that ends before its jobs do (connection lost, worker killed) is a lost host for
-that cell: its unfinished jobs, and what they need, run again on another host of the arch,
-then locally under emulation if the matrix allows it ("fallback"), else fail. Each move is
-a progress event and a `retries` list in the info of the jobs that ran after it.
+One connection per host (keepalives; 3 unanswered and the host is lost), one SFTP session
+on it for every file (hooks out, logs, manifests and artifacts back), and per session a
+folder under the host's workdir and `COMMAND worker` (nothing else on the remote command
+line: every value travels as JSON on its stdin, see protocol.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import secrets
-import sys
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
+import aiofiles
 import anyio
 import asyncssh
-from anyio.abc import TaskGroup
 
-from factory import proc
-from factory.events import Bus, Event
-from factory.executors.local import LocalExecutor
-from factory.fsutil import aside, sha256_file, write_if_changed
-from factory.plan import Job, Plan
-from factory.results import Output, StageError
-from factory.scheduler import Executor, Scheduler
+from factory.executors.placement import Channel, HostLost, Link, one_line
+from factory.executors.protocol import FOLDER_PREFIX, Go, Request
+from factory.results import StageError
 from factory.spec import Host
-from factory.stages.publish import place, verify_disk
-from factory.worker import FOLDER_PREFIX, PROTOCOL
 
 KEEPALIVE_INTERVAL = 5.0  # seconds between keepalives; 3 unanswered and the host is lost
 KEEPALIVE_COUNT = 3
@@ -49,42 +30,6 @@ CONNECT_TIMEOUT = 20.0
 CLOSE_TIMEOUT = 20.0  # for a worker to stop and clean up after its stdin closes
 CHUNK = 8 * 1024 * 1024
 ZEROS = bytes(CHUNK)
-
-
-def extents_of(value: object, size: int) -> list[tuple[int, int]]:
-    """The worker's data extents of a file, if they are well formed; else the whole file
-    (an older worker sends none)."""
-    whole = [(0, size)]
-    if not isinstance(value, list):
-        return whole
-    found: list[tuple[int, int]] = []
-    for item in value:
-        if not (isinstance(item, list) and len(item) == 2 and all(type(n) is int for n in item)):
-            return whole
-        start, length = item
-        if start < 0 or length < 0 or start + length > size:
-            return whole
-        found.append((start, length))
-    return found
-
-
-class HostLost(Exception):
-    """The session's host (connection or worker) went away; its unfinished jobs move."""
-
-
-def where(host: Host) -> str:
-    return f"host {host.name} ({host.user}@{host.address}:{host.port})"
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    reason = getattr(exc, "reason", None)  # asyncssh errors keep their text there
-    if isinstance(reason, str) and reason:
-        text = reason
-    return " ".join(text.split())
-
-
-# --- hosts -----------------------------------------------------------------------------------
 
 
 def known_hosts_for(host: Host) -> str | None:
@@ -112,26 +57,21 @@ def known_hosts_for(host: Host) -> str | None:
     raise StageError(f"host key refused: {path} does not exist ({hint})")
 
 
-class Remote:
-    """One build host: its one connection and SFTP session (opened once, with keepalives),
-    its slots, and whether it is down (and why)."""
+class SshLink(Link):
+    """One build host over SSH: its one connection and SFTP session, opened once."""
 
     def __init__(self, host: Host) -> None:
-        self.host = host
-        self.name = host.name
-        self.slots = anyio.CapacityLimiter(host.jobs)
+        super().__init__(host)
         self.conn: asyncssh.SSHClientConnection | None = None
         self.sftp: asyncssh.SFTPClient | None = None
-        self.down: str | None = "not connected yet"
-        self.cells = 0  # cells placed here, to spread cells over the hosts of an arch
 
     async def open(self) -> None:
         h = self.host
-        remote = self
+        link = self
 
         class Client(asyncssh.SSHClient):
             def connection_lost(self, exc: Exception | None) -> None:
-                remote.lost(f"connection lost ({one_line(exc) if exc else 'closed'})")
+                link.lost(f"connection lost ({one_line(exc) if exc else 'closed'})")
 
         try:
             known = known_hosts_for(h)
@@ -161,10 +101,6 @@ class Remote:
         except (OSError, asyncssh.Error, ValueError) as exc:
             self.down = one_line(exc)
 
-    def lost(self, reason: str) -> None:
-        if self.down is None:
-            self.down = reason
-
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
             if self.sftp is not None:
@@ -174,215 +110,71 @@ class Remote:
                 self.conn.close()
                 await self.conn.wait_closed()
 
+    def usable(self) -> tuple[asyncssh.SSHClientConnection, asyncssh.SFTPClient]:
+        if self.conn is None or self.sftp is None or self.down is not None:
+            raise HostLost(f"{self.host.name}: {self.down or 'not connected'}")
+        return self.conn, self.sftp
 
-# --- sessions --------------------------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    """How a job ended in a session."""
-
-    ok: bool
-    info: dict[str, Any] = field(default_factory=dict)
-    message: str = ""
-    tail: list[str] = field(default_factory=list)
-    output: Output | None = None  # local sessions: the real output
-
-
-class Session:
-    """One attempt at (part of) a cell, on a host or here; jobs wait on it for their end."""
-
-    host: str | None = None
-    local = False
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self.ids = {j.id for j in plan.jobs}
-        self.results: dict[str, Record] = {}
-        self.ended = {jid: anyio.Event() for jid in self.ids}
-        self.listeners: dict[str, Callable[[str], None]] = {}
-        self.reason: str | None = None  # set when the session is over
-        self.closing = anyio.Event()
-
-    @property
-    def alive(self) -> bool:
-        return self.reason is None
-
-    def serves(self, jid: str) -> bool:
-        return jid in self.ids and (self.alive or jid in self.results)
-
-    def record(self, event: Event, output: Output | None = None) -> None:
-        jid = event.job
-        if jid is None or jid not in self.ids:
-            return
-        if event.kind == "progress":
-            listen = self.listeners.get(jid)
-            if listen is not None:
-                listen(event.message)
-        elif event.kind in ("done", "failed") and jid not in self.results:
-            # Not "skipped"/"cancelled": the controller skips dependents itself, and a worker
-            # that stops before its jobs end is a lost host (the session's end), not a failure.
-            info = event.data.get("info", {}) if event.kind == "done" else {}
-            tail = event.data.get("tail", [])
-            self.results[jid] = Record(
-                event.kind == "done",
-                dict(info) if isinstance(info, dict) else {},
-                event.message or event.kind,
-                [str(t) for t in tail] if isinstance(tail, list) else [],
-                output,
-            )
-            self.ended[jid].set()
-
-    def end(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        for ended in self.ended.values():
-            ended.set()
-
-    async def result(self, jid: str) -> Record:
-        await self.ended[jid].wait()
-        found = self.results.get(jid)
-        if found is None:
-            raise HostLost(self.reason or "the session ended")
-        return found
-
-    def go(self, jid: str) -> None:
-        """Let the job start (remote sessions wait for the controller's word)."""
-
-    def close(self) -> None:
-        self.closing.set()
-
-    async def serve(self) -> None:
-        raise NotImplementedError
-
-
-class LocalSession(Session):
-    """The fallback: the sub-plan run here by a nested Scheduler on the run's own local
-    executor (its CPU slots are shared with every other local job)."""
-
-    local = True
-
-    def __init__(self, plan: Plan, local: LocalExecutor, logs: Path) -> None:
-        super().__init__(plan)
-        self.executor = local
-        self.logs = logs
-
-    async def serve(self) -> None:
-        sched: Scheduler | None = None
-
-        def on_event(event: Event) -> None:
-            run = sched.runs.get(event.job or "") if sched else None
-            self.record(event, run.output if run else None)
-
-        sched = Scheduler(self.plan, lambda job: self.executor, Bus(on_event), self.logs)
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def stop() -> None:
-                    await self.closing.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stop)
-                await sched.run()
-                tg.cancel_scope.cancel()
-        finally:
-            self.end("stopped")
-
-
-class RemoteSession(Session):
-    """One `factory worker` on a host, in a folder of its own under the host's workdir."""
-
-    def __init__(
-        self,
-        plan: Plan,
-        remote: Remote,
-        *,
-        auto: Sequence[str],
-        fetch: Sequence[str],
-        refresh: bool,
-        loop: bool = False,
-    ) -> None:
-        super().__init__(plan)
-        self.remote = remote
-        self.host = remote.name
-        self.auto = list(auto)
-        self.fetch = list(fetch)
-        self.refresh = refresh
-        self.loop = loop
-        self.folder: str | None = None
-        self.process: asyncssh.SSHClientProcess[str] | None = None
-        self.stderr: deque[str] = deque(maxlen=20)
-        self.refused: str | None = None
-        self.sent: set[str] = set()  # jobs the controller has let start
-        self.requested = False
-
-    def go(self, jid: str) -> None:
-        """Queued until the worker has its request; then sent at once."""
-        if jid in self.auto or jid in self.sent:
-            return
-        self.sent.add(jid)
-        if self.process is not None and self.requested:
-            self._send({"go": jid})
-
-    def _send(self, message: dict[str, Any]) -> None:
-        if self.process is not None and self.alive:
-            with contextlib.suppress(OSError, asyncssh.Error):
-                self.process.stdin.write(json.dumps(message) + "\n")
-
-    @property
-    def sftp(self) -> asyncssh.SFTPClient:
-        if self.remote.sftp is None or self.remote.down is not None:
-            raise HostLost(f"{self.remote.name}: {self.remote.down or 'not connected'}")
-        return self.remote.sftp
+    def lost_by(self, exc: Exception) -> HostLost:
+        """What an SSH error means for the session: its host is gone."""
+        return HostLost(f"{self.host.name}: {self.down or one_line(exc)}")
 
     @contextlib.asynccontextmanager
-    async def _folder(self) -> AsyncIterator[str]:
+    async def session(self) -> AsyncIterator[SshChannel]:
         """The session's folder on the host; removed at the end (the worker removes it
         too, and the next worker there removes those of killed workers)."""
-        sftp = self.sftp
-        workdir = self.remote.host.workdir.rstrip("/")
-        await sftp.makedirs(workdir, exist_ok=True)
+        _, sftp = self.usable()
+        workdir = self.host.workdir.rstrip("/")
         folder = f"{workdir}/{FOLDER_PREFIX}{secrets.token_hex(8)}"
-        await sftp.mkdir(folder, asyncssh.SFTPAttrs(permissions=0o700))
         try:
-            yield folder
+            await sftp.makedirs(workdir, exist_ok=True)
+            await sftp.mkdir(folder, asyncssh.SFTPAttrs(permissions=0o700))
+        except asyncssh.Error as exc:
+            raise self.lost_by(exc) from exc
+        try:
+            yield SshChannel(self, folder)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
-                if self.remote.down is None and self.remote.sftp is not None:
+                if self.down is None and self.sftp is not None:
                     with contextlib.suppress(OSError, asyncssh.Error):
-                        await self.remote.sftp.rmtree(folder, ignore_errors=True)
+                        await self.sftp.rmtree(folder, ignore_errors=True)
 
-    async def _ship_hooks(self, folder: str) -> Plan:
-        """Hook folders go by SFTP into the session folder; the plan then names them there
-        (a path is a location, not part of any key)."""
-        jobs = []
-        for job in self.plan.jobs:
-            hooks = job.params.get("hooks")
-            if hooks:
-                moved = []
-                for i, hook in enumerate(hooks):
-                    there = f"{folder}/hooks/{i}-{hook['name']}"
-                    await self.sftp.makedirs(f"{folder}/hooks", exist_ok=True)
-                    await self.sftp.put(hook["path"], there, recurse=True, preserve=True)
-                    moved.append({**hook, "path": there})
-                job = job.model_copy(update={"params": {**job.params, "hooks": moved}})
-            jobs.append(job)
-        return Plan(matrix=self.plan.matrix, jobs=tuple(jobs))
+
+class SshChannel(Channel):
+    """One session: its folder on the host and the worker process started in it."""
+
+    def __init__(self, link: SshLink, folder: str) -> None:
+        self.link = link
+        self.folder = folder
+        self.host = link.host.name
+        self.process: asyncssh.SSHClientProcess[str] | None = None
+        self.stderr: deque[str] = deque(maxlen=20)
+
+    async def put(self, local: Path, there: str) -> None:
+        _, sftp = self.link.usable()
+        try:
+            await sftp.makedirs(there.rsplit("/", 1)[0], exist_ok=True)
+            await sftp.put(str(local), there, recurse=True, preserve=True)
+        except asyncssh.Error as exc:
+            raise self.link.lost_by(exc) from exc
 
     @contextlib.asynccontextmanager
-    async def _worker(self, folder: str) -> AsyncIterator[asyncssh.SSHClientProcess[str]]:
+    async def worker(self, request: Request) -> AsyncIterator[None]:
         """`COMMAND worker`, nothing else, on the remote command line; stopped by closing
         its stdin, then by a signal, then by closing the channel."""
-        assert self.remote.conn is not None
-        command = f"{self.remote.host.command} worker"  # validated: no shell syntax
-        process = await self.remote.conn.create_process(command, encoding="utf-8")
+        conn, _ = self.link.usable()
+        command = f"{self.link.host.command} worker"  # validated: no shell syntax
+        try:
+            process = await conn.create_process(command, encoding="utf-8")
+        except asyncssh.Error as exc:
+            raise self.link.lost_by(exc) from exc
         self.process = process
         try:
-            yield process
+            self._write(request.line())
+            yield
         finally:
             with anyio.CancelScope(shield=True):
-                with contextlib.suppress(OSError, asyncssh.Error):
-                    process.stdin.write_eof()
+                self.stop()
                 with anyio.move_on_after(CLOSE_TIMEOUT):
                     await process.wait_closed()
                 if process.exit_status is None and process.exit_signal is None:
@@ -392,448 +184,89 @@ class RemoteSession(Session):
                 with anyio.move_on_after(5):
                     await process.wait_closed()
 
-    async def serve(self) -> None:
-        reason = f"the worker on {self.host} stopped"
+    def _write(self, line: str) -> None:
+        if self.process is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.process.stdin.write(line)
+
+    def send(self, go: Go) -> None:
+        self._write(go.line())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                self.process.stdin.write_eof()
+
+    async def watch(self) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError, asyncssh.Error):
+            async for line in self.process.stderr:
+                if line.strip():
+                    self.stderr.append(line.rstrip("\n"))
+
+    async def lines(self) -> AsyncIterator[str]:
+        if self.process is None:
+            return
         try:
-            async with self._folder() as folder:
-                self.folder = folder
-                plan = await self._ship_hooks(folder)
-                request = {
-                    "protocol": PROTOCOL,
-                    "plan": plan.model_dump(mode="json"),
-                    "dir": folder,
-                    "cache": self.remote.host.cache,
-                    "refresh": self.refresh,
-                    "loop": self.loop,
-                    "auto": self.auto,
-                    "fetch": self.fetch,
-                }
-                async with self._worker(folder) as process, anyio.create_task_group() as tg:
-                    self._send(request)
-                    self.requested = True
-                    for jid in sorted(self.sent):
-                        self._send({"go": jid})
+            async for line in self.process.stdout:
+                yield line
+        except asyncssh.Error as exc:
+            raise self.link.lost_by(exc) from exc
 
-                    async def stderr() -> None:
-                        async for line in process.stderr:
-                            if line.strip():
-                                self.stderr.append(line.rstrip("\n"))
-
-                    async def stop() -> None:
-                        await self.closing.wait()
-                        with contextlib.suppress(OSError, asyncssh.Error):
-                            process.stdin.write_eof()
-
-                    tg.start_soon(stderr)
-                    tg.start_soon(stop)
-                    reason = await self._events(process) or reason
-                    with anyio.move_on_after(5):
-                        await process.wait_closed()
-                    tg.cancel_scope.cancel()
-                if self.reason is None and not self.closing.is_set():
-                    reason = self._exit_reason(process)
-        except HostLost as exc:
-            reason = str(exc)
-        except (OSError, asyncssh.Error) as exc:
-            reason = f"{self.host}: {one_line(exc)}"
-        finally:
-            if self.remote.down is not None and not self.closing.is_set():
-                reason = f"{self.host}: {self.remote.down}"
-            self.end(reason)
-
-    async def _events(self, process: asyncssh.SSHClientProcess[str]) -> str | None:
-        """Read the worker's events until it stops; a refusal ends the session at once."""
-        async for line in process.stdout:
-            if not line.strip():
-                continue  # asyncssh gives an empty line when the command exits non-zero
-            try:
-                event = Event.from_json(line)
-            except (ValueError, TypeError):
-                self.stderr.append(f"(not an event) {line.strip()[:200]}")
-                continue
-            if event.kind == "run-end" and event.data.get("status") == "refused":
-                self.refused = f"the worker on {self.host} refused the plan: {event.message}"
-                return self.refused
-            self.record(event)
-        return None
-
-    def _exit_reason(self, process: asyncssh.SSHClientProcess[str]) -> str:
+    def ended(self) -> str:
+        process = self.process
         how = (
-            f"killed by signal {process.exit_signal[0]}"
+            "stopped"
+            if process is None
+            else f"killed by signal {process.exit_signal[0]}"
             if process.exit_signal
             else f"exited {process.exit_status}"
             if process.exit_status is not None
             else "stopped"
         )
         last = f": {self.stderr[-1]}" if self.stderr else ""
-        return f"the worker on {self.host} {how} before its jobs finished{last}"
+        return f"{how}{last}"
 
     async def read_text(self, path: str) -> str:
         """A small file from the session's folder; a lost host is HostLost."""
         try:
-            async with self.sftp.open(path, "r", encoding="utf-8", errors="replace") as fh:
+            _, sftp = self.link.usable()
+            async with sftp.open(path, "r", encoding="utf-8", errors="replace") as fh:
                 text = await fh.read()
         except (OSError, asyncssh.Error) as exc:
-            if self.remote.down is not None:
-                raise HostLost(f"{self.host}: {self.remote.down}") from exc
+            if self.link.down is not None:
+                raise HostLost(f"{self.host}: {self.link.down}") from exc
             raise StageError(f"{path} on {self.host}: {one_line(exc)}") from exc
         return str(text)
 
-    async def fetch_file(
+    async def fetch(
         self, path: str, dest: Path, size: int, extents: Sequence[tuple[int, int]]
     ) -> None:
         """Copy a file exactly, holes kept as holes: only its data extents are read (the
         worker's list; a raw disk is mostly holes) and blocks of zeros are not written.
         A dropped connection is a lost host; a short file is an error."""
+        _, sftp = self.link.usable()
         try:
-            async with self.sftp.open(path, "rb") as src:
-                with open(dest, "wb") as out:
-                    for start, length in extents:
-                        offset, end = start, start + length
-                        while offset < end:
-                            want = min(CHUNK, end - offset)
-                            chunk = cast(bytes, await src.read(want, offset))
-                            if not chunk:
-                                raise StageError(
-                                    f"{path} on {self.host}: ended at {offset} of {size}"
-                                )
-                            if chunk != ZEROS[: len(chunk)]:
-                                out.seek(offset)
-                                out.write(chunk)
-                            offset += len(chunk)
-                    out.truncate(size)
+            async with sftp.open(path, "rb") as src, aiofiles.open(dest, "wb") as out:
+                for start, length in extents:
+                    offset, end = start, start + length
+                    while offset < end:
+                        want = min(CHUNK, end - offset)
+                        chunk = cast(bytes, await src.read(want, offset))
+                        if not chunk:
+                            raise StageError(f"{path} on {self.host}: ended at {offset} of {size}")
+                        if chunk != ZEROS[: len(chunk)]:
+                            await out.seek(offset)
+                            await out.write(chunk)
+                        offset += len(chunk)
+                await out.truncate(size)
         except (OSError, asyncssh.Error) as exc:
-            if self.remote.down is not None or isinstance(exc, asyncssh.DisconnectError):
-                raise HostLost(f"{self.host}: {self.remote.down or one_line(exc)}") from exc
+            if self.link.down is not None or isinstance(exc, asyncssh.DisconnectError):
+                raise HostLost(f"{self.host}: {self.link.down or one_line(exc)}") from exc
             if isinstance(exc, asyncssh.SFTPError):
                 raise HostLost(f"fetching {path} from {self.host}: {one_line(exc)}") from exc
             raise
 
 
-# --- cells -----------------------------------------------------------------------------------
-
-
-class Farm:
-    """The hosts of a matrix, the cells placed on them, and the sessions they run."""
-
-    def __init__(
-        self, hosts: Sequence[Host], fallback: str, plan: Plan, local: LocalExecutor
-    ) -> None:
-        self.remotes = [Remote(h) for h in hosts]
-        self.fallback = fallback
-        self.plan = plan
-        self.local = local
-        self.cells: dict[str, CellRun] = {}
-        self.sessions: list[Session] = []
-        self.tg: TaskGroup | None = None
-
-    def arches(self) -> set[str]:
-        return {a for r in self.remotes for a in r.host.arches}
-
-    def remotes_for(self, arch: str) -> list[Remote]:
-        return [r for r in self.remotes if arch in r.host.arches]
-
-    def spawn(self, session: Session) -> None:
-        assert self.tg is not None
-        self.sessions.append(session)
-        self.tg.start_soon(self._serve, session, name=f"session on {session.host or 'local'}")
-
-    @staticmethod
-    async def _serve(session: Session) -> None:
-        """A session's own failure is its cell's business, never the whole run's."""
-        try:
-            await session.serve()
-        except Exception as exc:  # a bug here must not cancel the run's other cells
-            session.end(f"internal error: {type(exc).__name__}: {exc}")
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-
-    def route(self, job: Job) -> Executor:
-        """The executor of a job: here, unless hosts take its arch."""
-        if job.arch not in self.arches():
-            return self.local
-        cell = self.cells.get(job.cell)
-        if cell is None:
-            cell = self.cells[job.cell] = CellRun(self, job.cell, job.arch)
-        return Placed(cell)
-
-
-@contextlib.asynccontextmanager
-async def farm(
-    hosts: Sequence[Host], fallback: str, plan: Plan, local: LocalExecutor
-) -> AsyncIterator[Farm]:
-    """Owns a run's remote side: one connection per host, opened at the start (a host that
-    cannot be reached is down from the start, said on stderr); at the end every session is
-    stopped, its remote folder removed, and the connections closed, whether the run
-    succeeded, failed or was cancelled."""
-    f = Farm(hosts, fallback, plan, local)
-    try:
-        async with anyio.create_task_group() as tg:
-            for remote in f.remotes:
-                tg.start_soon(remote.open)
-        for remote in f.remotes:
-            if remote.down is not None:
-                print(f"factory: {where(remote.host)} is down: {remote.down}", file=sys.stderr)
-        async with anyio.create_task_group() as tg:
-            f.tg = tg
-            try:
-                yield f
-            finally:
-                for session in f.sessions:
-                    session.close()
-    finally:
-        for remote in f.remotes:
-            await remote.aclose()
-
-
-class Placed:
-    """The executor of one job of a cell that hosts take; `host` says where it ran."""
-
-    def __init__(self, cell: CellRun) -> None:
-        self.cell = cell
-        self.host: str | None = cell.place()
-        self.held: anyio.CapacityLimiter | None = None  # the slot the scheduler took
-
-    def limiter(self, job: Job) -> anyio.CapacityLimiter:
-        self.held = self.cell.limiter()
-        return self.held
-
-    async def run(
-        self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
-    ) -> Output:
-        return await self.cell.run(self, job, emit)
-
-
-UNBOUNDED = anyio.CapacityLimiter(math.inf)
-
-
-class CellRun:
-    """One cell whose arch has hosts: where it runs now, what it has finished, its retries."""
-
-    def __init__(self, farm: Farm, cell: str, arch: str) -> None:
-        self.farm = farm
-        self.id = cell
-        self.arch = arch
-        self.jobs = [j for j in farm.plan.jobs if j.cell == cell]
-        self.publish_deps = {j.deps[0] for j in self.jobs if j.kind == "publish"}
-        self.finished: dict[str, bool] = {}  # job id -> done (True) or failed (False)
-        self.remote: Remote | None = None
-        self.local = False
-        self.tried: set[str] = set()
-        self.session: Session | None = None
-        self.attempt = 0
-        self.retries: list[dict[str, Any]] = []
-        self.lock = anyio.Lock()
-        self.why_down: list[str] = []
-
-    def place(self) -> str | None:
-        """Choose the cell's host if it has none yet: the up host of its arch with the
-        fewest cells; none up: here (if the matrix allows it)."""
-        if self.remote is None and not self.local:
-            up = [
-                r
-                for r in self.farm.remotes_for(self.arch)
-                if r.down is None and r.name not in self.tried
-            ]
-            if up:
-                self.remote = min(up, key=lambda r: r.cells)
-                self.remote.cells += 1
-            elif self.farm.fallback == "local":
-                self.local = True
-        return self.remote.name if self.remote else None
-
-    def limiter(self) -> anyio.CapacityLimiter:
-        self.place()
-        # Local fallback jobs take CPU slots inside their nested run; holding one here too
-        # could deadlock, so the proxy itself is unbounded.
-        return self.remote.slots if self.remote else UNBOUNDED
-
-    def _down_reasons(self) -> str:
-        reasons = [
-            f"{r.name}: {r.down}" for r in self.farm.remotes_for(self.arch) if r.down is not None
-        ]
-        reasons += [f"{e['host']}: {e['error']}" for e in self.retries]
-        return "; ".join(dict.fromkeys(reasons)) or "no host"
-
-    def _subplan(self, local: bool) -> tuple[Plan, list[str]]:
-        """What the next session must do: every job not finished here (publish jobs only
-        when local), and what they need, including finished jobs whose outputs were on a
-        lost host (those run at once: "auto")."""
-        open_ = [j for j in self.jobs if j.id not in self.finished and not self._dead(j)]
-        if local:
-            ids = [j.id for j in open_]
-        else:
-            ids = [j.id for j in open_ if j.kind != "publish"]
-            ids += [j.deps[0] for j in open_ if j.kind == "publish"]
-        plan = self.farm.plan.select(ids)
-        auto = [j.id for j in plan.jobs if self.finished.get(j.id)]
-        return plan, auto
-
-    def _dead(self, job: Job) -> bool:
-        """Failed, or waits for something that failed (the scheduler skips it)."""
-        bad = {jid for jid, ok in self.finished.items() if not ok}
-        by_id = {j.id: j for j in self.jobs}
-
-        def blocked(jid: str) -> bool:
-            if jid in bad:
-                return True
-            j = by_id.get(jid)
-            return j is not None and any(blocked(d) for d in j.deps)
-
-        return blocked(job.id)
-
-    @staticmethod
-    def _needs(job: Job, session: Session) -> str:
-        """The job a session must have done for `job`: publish on a host waits for the file."""
-        return job.deps[0] if job.kind == "publish" and not session.local else job.id
-
-    async def session_for(self, job: Job) -> Session:
-        async with self.lock:
-            current = self.session
-            if current is not None and current.serves(self._needs(job, current)):
-                return current
-            if current is not None:
-                self._lost(current, current.reason or "the session ended")
-            self.place()
-            if self.remote is None and not self.local:
-                raise StageError(
-                    f"no build host for {self.arch} is up ({self._down_reasons()}); "
-                    'set fallback = "local" to build here under emulation'
-                )
-            plan, auto = self._subplan(self.local)
-            session: Session
-            if self.remote is not None:
-                fetch = [j.id for j in plan.jobs if j.id in self.publish_deps]
-                ws = self.farm.local.ws
-                session = RemoteSession(
-                    plan, self.remote, auto=auto, fetch=fetch, refresh=ws.refresh, loop=ws.loop
-                )
-            else:
-                session = LocalSession(plan, self.farm.local, self.farm.local.ws.out / "logs")
-            if self.retries:
-                self.retries[-1]["then"] = session.host or "local"
-            self.attempt += 1
-            self.session = session
-            self.farm.spawn(session)
-            return session
-
-    def _lost(self, session: Session, reason: str) -> None:
-        """The session is over for good: the next one goes elsewhere."""
-        if session is not self.session:
-            return
-        self.retries.append(
-            {"host": session.host or "local", "error": reason, "time": round(time.time(), 3)}
-        )
-        if session.host is not None:
-            self.tried.add(session.host)
-        if self.remote is not None:
-            self.remote.cells -= 1
-        self.remote, self.local, self.session = None, False, None
-        session.close()
-
-    async def run(self, placed: Placed, job: Job, emit: Callable[[str], None]) -> Output:
-        try:
-            while True:
-                session = await self.session_for(job)
-                placed.host = session.host
-                # After a retry the job runs on another host than the one whose slot the
-                # scheduler gave it: it takes one of that host's slots too.
-                slots = session.remote.slots if isinstance(session, RemoteSession) else None
-                slot = slots if slots is not None and slots is not placed.held else None
-                try:
-                    async with slot if slot is not None else contextlib.nullcontext():
-                        out = await self._run_in(session, job, emit)
-                except HostLost as lost:
-                    async with self.lock:
-                        self._lost(session, str(lost))
-                    emit(f"retry: {lost}")
-                    continue
-                break
-        except Exception:
-            self.finished[job.id] = False
-            self._maybe_close()
-            raise
-        self.finished[job.id] = True
-        self._maybe_close()
-        if self.retries:
-            out = Output(out.path, {**out.info, "retries": [dict(r) for r in self.retries]})
-        return out
-
-    async def _run_in(self, session: Session, job: Job, emit: Callable[[str], None]) -> Output:
-        if isinstance(session, RemoteSession) and job.kind == "publish":
-            (dep,) = job.deps
-            return await self._fetch(session, job, await session.result(dep), emit)
-        session.listeners[job.id] = emit
-        try:
-            session.go(job.id)
-            record = await session.result(job.id)
-        finally:
-            session.listeners.pop(job.id, None)
-        if isinstance(session, RemoteSession):
-            await self._copy_log(session, job)
-        if not record.ok:
-            raise StageError(record.message)  # its log (here, or copied) holds the tail
-        if not isinstance(session, RemoteSession):
-            return record.output or Output()
-        info = {k: v for k, v in record.info.items() if k != "remote"}
-        manifest = info.get("manifest")
-        if job.kind == "finalise" and isinstance(manifest, str) and session.folder:
-            text = await session.read_text(f"{session.folder}/out/{manifest}")
-            write_if_changed(self.farm.local.ws.out / manifest, text)
-        return Output(None, info)
-
-    async def _copy_log(self, session: RemoteSession, job: Job) -> None:
-        """The job's log from the host, into the job's log here (the report's tail)."""
-        log = proc.current_log.get()
-        if log is None or session.folder is None:
-            return
-        name = job.id.replace(":", "_")
-        with contextlib.suppress(OSError, asyncssh.Error, HostLost, StageError):
-            log.write(f"# log of {job.id} on {session.host}:")
-            log.write(await session.read_text(f"{session.folder}/out/logs/{name}.log"))
-
-    async def _fetch(
-        self, session: RemoteSession, job: Job, source: Record, emit: Callable[[str], None]
-    ) -> Output:
-        """publish, for a file on a host: fetch it aside, check it against the worker's
-        size and sha256 (and qemu-img's reading, for disks), then rename it into OUT."""
-        p = job.params
-        remote = source.info.get("remote")
-        if not source.ok or not isinstance(remote, dict):
-            raise StageError(f"{job.id}: {job.deps[0]} on {session.host} left no file to fetch")
-        dest = self.farm.local.ws.out / p["name"]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = aside(dest)
-        try:
-            emit(f"fetching from {session.host}")
-            size = int(remote["size"])
-            extents = extents_of(remote.get("extents"), size)
-            proc.note(
-                f"sftp {session.host}:{remote['path']} -> {tmp} ({size} bytes, "
-                f"{sum(n for _, n in extents)} in {len(extents)} data extents)"
-            )
-            await session.fetch_file(str(remote["path"]), tmp, size, extents)
-            emit("checksumming")
-            digest = await sha256_file(tmp)
-            if digest != remote["sha256"]:
-                raise StageError(
-                    f"{dest.name}: sha256 {digest} of the copy from {session.host} is not "
-                    f"the worker's {remote['sha256']} (corrupted in transit; not published)"
-                )
-            if p["source"] == "disk":
-                emit("checking")
-                await verify_disk(tmp, p["qemu"], source.info.get("virtual_size"))
-            return place(tmp, dest, digest, job.cell, p["format"], p["name"])
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _maybe_close(self) -> None:
-        """Free the host as soon as nothing of the cell still needs the session."""
-        if self.session is None:
-            return
-        if all(j.id in self.finished or self._dead(j) for j in self.jobs):
-            self.session.close()
-
-
-__all__ = ["Farm", "HostLost", "known_hosts_for"]
+__all__ = ["SshChannel", "SshLink", "known_hosts_for"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.executors.ssh import extents_of
+from factory.executors.protocol import extents_of
 from factory.fsutil import data_extents
 
 MiB = 1024 * 1024

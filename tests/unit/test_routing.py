@@ -13,7 +13,8 @@ import anyio
 import pytest
 
 from factory.events import Bus, Event
-from factory.executors.ssh import CellRun, Farm, HostLost, Session, known_hosts_for
+from factory.executors.placement import CellRun, Farm, HostLost, Session
+from factory.executors.ssh import known_hosts_for
 from factory.plan import Job, Plan, make_plan
 from factory.results import Output, StageError
 from factory.routing import router
