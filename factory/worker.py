@@ -30,7 +30,7 @@ from typing import TextIO
 import aiofiles
 import anyio
 
-from factory import state
+from factory import __version__, state
 from factory.cache import opened, remove_tree
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
@@ -83,7 +83,11 @@ def check_keys(plan: Plan) -> None:
         if missing:
             raise Refused(f"{job.id}: depends on {missing[0]}, which is not in the plan")
         if job_key(job.kind, job.params, (jobs[d].key for d in job.deps)) != job.key:
-            raise Refused(f"{job.id}: its key does not match its parameters (changed in transit?)")
+            raise Refused(
+                f"{job.id}: its key does not match its parameters and this host's code "
+                f"(factory {__version__} here: install the controller's version, or the plan "
+                "changed in transit)"
+            )
         for hook in job.params.get("hooks", []):
             if hook_digest(Path(hook["path"])) != hook["digest"]:
                 raise Refused(f"{job.id}: hook {hook['name']} arrived different from the plan's")
