@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from factory.arches import ARCHES
-from factory.layouts import LAYOUTS, SECTOR, Layout, MiB, fitting, resolve
+from factory.layouts import LAYOUTS, SECTOR, Layout, MiB, Partition, fitting, resolve
 
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -218,3 +218,49 @@ def test_sfdisk_agrees_with_offsets(tmp_path: Path, name: str) -> None:
     table = apply(layout, disk, tmp_path / "disk.raw")
     got = [(p["start"] * SECTOR, p["size"] * SECTOR) for p in table["partitions"]]
     assert got == list(layout.offsets(disk).values())
+
+
+# --- boot methods, derived from partitions and arch --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "arch", "methods"),
+    [
+        ("mbr", "amd64", ("bios-mbr",)),
+        ("gpt-efi", "amd64", ("uefi", "bios-gpt")),
+        ("ppc-prep", "ppc64el", ("prep",)),
+        ("mbr", "ppc64el", ()),
+        ("gpt-efi", "ppc64el", ()),
+        ("ppc-prep", "amd64", ()),
+    ],
+)
+def test_boot_methods_of_the_shipped_layouts(
+    name: str, arch: str, methods: tuple[str, ...]
+) -> None:
+    assert LAYOUTS[name].boot_methods(arch) == methods
+    assert LAYOUTS[name].fits(arch) == bool(methods)
+
+
+def test_boot_methods_follow_the_partitions_not_the_name() -> None:
+    """A layout nobody shipped boots by what its partitions allow."""
+    esp_only = Layout(
+        name="anything",
+        label="gpt",
+        partitions=(
+            Partition(role="esp", type=ESP, size_mib=100, filesystem="vfat"),
+            Partition(role="root", type=LINUX, size_mib=None, mountpoint="/"),
+        ),
+    )
+    assert esp_only.boot_methods("amd64") == ("uefi",)
+    assert esp_only.boot_methods("ppc64el") == ()
+    bios_only = esp_only.model_copy(
+        update={"partitions": (Partition(role="bios", type=BIOS_BOOT, size_mib=1),
+                               esp_only.partitions[1])}
+    )  # fmt: skip
+    assert bios_only.boot_methods("amd64") == ("bios-gpt",)
+
+
+def test_a_layout_is_data_in_the_assemble_params() -> None:
+    data = LAYOUTS["gpt-efi"].model_dump(mode="json")
+    assert Layout.model_validate(data) == LAYOUTS["gpt-efi"]
+    assert [p["role"] for p in data["partitions"]] == ["bios", "esp", "root"]
