@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import anyio
+
 from factory import distros, layouts, loopdev, proc, repro, sizing
 from factory.arches import BootMethod
 from factory.fsutil import aside
@@ -110,7 +112,10 @@ async def clamp_times(fs: str, tree: Path, epoch: int, work: Path) -> None:
     """The inode times the tree cannot give the same on every build, set to the epoch.
     mtimes are the tree's own, and mkfs's own inodes (/, lost+found) already carry the
     epoch from E2FSPROGS_FAKE_TIME."""
-    script, skipped = clamp_script(_tree_paths(tree), epoch)
+    # A walk of the whole tree: in a worker thread, off the event loop.
+    script, skipped = await anyio.to_thread.run_sync(
+        lambda: clamp_script(_tree_paths(tree), epoch)
+    )
     for path in skipped:
         proc.note(f"times of {path!r} not clamped: debugfs cannot name it")
     cmds = work / "clamp-times.debugfs"

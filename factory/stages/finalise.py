@@ -295,7 +295,7 @@ async def run(ctx: Context) -> Output:
                 for script in hook_scripts(p.hooks, "cleanup.d"):
                     env = {**hook_env(p, str(tree)), **clock}
                     await _run_hook(ctx, script, [str(script)], env, None)
-                _remove_leftovers(tree, family.leftovers)
+                await anyio.to_thread.run_sync(_remove_leftovers, tree, family.leftovers)
                 ctx.emit("clamping mtimes")
                 await anyio.to_thread.run_sync(normalise_tree, tree, p.epoch)
                 meta["bytes"] = (await sizing.measure_async(tree)).allocated
