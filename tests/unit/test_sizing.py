@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from factory import sizing
@@ -175,3 +177,27 @@ def test_measure_stays_on_the_trees_filesystem(tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", tmp_path / "proc"], check=True)
     assert usage == bare  # not even the mount point: lstat of it is the other filesystem's
+
+
+async def test_measure_leaves_the_event_loop_free(tmp_path: Path) -> None:
+    """The walk runs in a worker thread: other tasks (jobs, SSH keepalives) keep running
+    while it does. Done on the loop, the ticker would not move until it returned."""
+    for i in range(2000):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+    ticks, done = 0, False
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        before = ticks
+        usage = await sizing.measure_async(tmp_path)
+        during = ticks - before
+        done = True
+    assert usage.entries >= 2000
+    assert during > 0
