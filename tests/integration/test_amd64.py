@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import factory
 from tests.integration.conftest import CACHE, DATA, Build, run_matrix
+from tests.integration.conftest_images import qcow2_clusters
 
 CELL = "debian-bookworm-amd64"
 DISKS = {"raw": "raw", "qcow2": "qcow2", "vhd": "vpc", "vmdk": "vmdk", "vdi": "vdi"}
@@ -276,10 +277,35 @@ def test_aci_manifest_and_rootfs(amd64: Build) -> None:
 
 
 def test_docker_archive_is_readable_by_skopeo(amd64: Build) -> None:
-    info = json.loads(sh("skopeo", "inspect", f"docker-archive:{amd64.artifact('docker')}"))
+    # The tag the pack stage writes when the matrix names none: NAME/FAMILY:RELEASE-ARCH.
+    tag = "itest/debian:bookworm-amd64"
+    archive = amd64.artifact("docker")
+    (image,) = json.loads(sh("tar", "-xOf", archive, "manifest.json"))
+    assert image["RepoTags"] == [tag]
+    assert len(image["Layers"]) == 1
+    # skopeo finds the image by that tag (a tag the archive lacks is an error).
+    info = json.loads(sh("skopeo", "inspect", f"docker-archive:{archive}:{tag}"))
     assert info["Architecture"] == "amd64" and info["Os"] == "linux"
     assert len(info["Layers"]) == 1
-    assert info["RepoTags"] == [] or info["RepoTags"]
+    missing = subprocess.run(
+        ["skopeo", "inspect", f"docker-archive:{archive}:itest/debian:other"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode != 0
+
+
+def test_qcow2_clusters_are_in_guest_order(amd64: Build) -> None:
+    """Written in order (no -W): each data cluster lies after those before it in the disk,
+    so the same raw disk always gives the same file."""
+    clusters = qcow2_clusters(amd64.artifact("qcow2"))
+    assert len(clusters) > 1000  # the filesystem's data, not an empty disk
+    hosts = [host for _, host in clusters]
+    out_of_order = [
+        (g, h) for (g, h), before in zip(clusters[1:], hosts, strict=False) if h <= before
+    ]
+    assert out_of_order == [], out_of_order[:5]
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "vhd", "vmdk"])
@@ -329,13 +355,25 @@ def test_run_with_boot_test_boots_the_disk(tmp_path: Path) -> None:
     assert "Debian GNU/Linux 12" in log and "login:" in log
 
 
+@pytest.mark.timeout(1200)
 def test_boot_probes_kvm_once_and_says_when_it_falls_back(amd64: Build, tmp_path: Path) -> None:
     """A host whose /dev/kvm cannot run the guest kernel boots by TCG and says so; the
-    verdict is kept, so the next boot does not probe again."""
-    cache = tmp_path / "cache"
-    result = factory("boot", amd64.artifact("raw"), "--cache", cache, timeout=400)
-    assert result.returncode == 0, result.stderr
+    verdict is kept, so the next boot does not probe again (its log, which has every
+    command the boot ran, has no probe in it)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm here: nothing to probe")
+    cache = tmp_path / "cache"
+    runs = []
+    for n in (1, 2):
+        log = tmp_path / f"console-{n}.log"
+        result = factory("boot", amd64.artifact("raw"), "--cache", cache, "--log", log, timeout=400)
+        assert result.returncode == 0, result.stderr
+        commands = [line for line in log.read_text().splitlines() if line.startswith("$ ")]
+        runs.append((result.stderr, [c for c in commands if "qemu-system" in c]))
     (works,) = json.loads((cache / "kvm.json").read_text()).values()
-    assert ("using TCG" in result.stderr) == (not works)
+    for stderr, qemus in runs:
+        assert ("using TCG" in stderr) == (not works)
+        assert qemus[-1].count("-accel kvm" if works else "-accel tcg") == 1  # the boot
+    first, second = (qemus for _, qemus in runs)
+    assert len(first) == 2 and "-accel kvm" in first[0]  # the probe, then the boot
+    assert len(second) == 1  # the boot alone: the kept verdict, no probe
