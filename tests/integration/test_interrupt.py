@@ -162,6 +162,16 @@ def test_after_sigkill_factory_clean_removes_what_was_left(tmp_path: Path) -> No
     run = Running(DATA / "slow-hook.toml", tmp_path / "out", CACHE)
     run.wait_for("progress", "finalise", "hook")
     in_the_chroot(run)
+    # What clean undoes is what the run wrote down: wait until its state file lists the
+    # hook's process group (factory records a group just after starting it, with fsync).
+    (sleeper,) = processes("^sleep 600$", tmp_path)
+    group = os.getpgid(sleeper)
+    state_file = state_dir / f"run-{run.proc.pid}.json"
+    wait_until(
+        "the hook's process group in the run's state file",
+        lambda: group in json.loads(state_file.read_text())["groups"],
+        timeout=30,
+    )
     run.proc.kill()  # the factory process alone: its children and mounts stay
     run.proc.wait()
     assert chroot_mounts(run)
@@ -174,7 +184,8 @@ def test_after_sigkill_factory_clean_removes_what_was_left(tmp_path: Path) -> No
         text=True,
         check=True,
     )
-    assert "unmounted" in done.stdout and "killed process group" in done.stdout
+    assert "unmounted" in done.stdout, done.stdout
+    assert f"killed process group {group}" in done.stdout, done.stdout
     assert not list(state_dir.glob(f"run-{run.proc.pid}.json"))
     assert_clean(tmp_path / "out", CACHE, run.proc.pid)
 
