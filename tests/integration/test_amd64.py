@@ -175,6 +175,16 @@ def test_initramfs_built_once(amd64: Build) -> None:
 
 
 def test_hooks_ran_in_order_and_place(amd64: Build) -> None:
+    """finalise.d inside the chroot, then cleanup.d on the host, as the tree's build log
+    has them; each with diskimage-builder's variables, as the image has what they wrote."""
+    log = (finalised_tree(amd64).parent / "build.log").read_text().splitlines()
+    commands = [line for line in log if line.startswith("$ ")]
+    (inside,) = [
+        i for i, c in enumerate(commands) if c.endswith(" /tmp/factory-hooks/marker/10-marker")
+    ]
+    (outside,) = [i for i, c in enumerate(commands) if c.endswith("/marker/cleanup.d/10-metadata")]
+    assert inside < outside
+    assert " chroot " in commands[inside] and " chroot " not in commands[outside]
     env = debugfs(amd64, "cat /etc/factory-test/finalise.env")
     assert env.splitlines() == [
         "TARGET_ROOT=/",
