@@ -19,6 +19,10 @@ from tests.conftest import factory
 from tests.integration.conftest import CACHE, DATA, Build, run_matrix
 from tests.integration.conftest_images import qcow2_clusters
 
+# A session build (trees cold: minutes) counts against the first test that uses it.
+pytestmark = pytest.mark.timeout(1800)
+
+
 CELL = "debian-bookworm-amd64"
 DISKS = {"raw": "raw", "qcow2": "qcow2", "vhd": "vpc", "vmdk": "vmdk", "vdi": "vdi"}
 
@@ -365,7 +369,6 @@ def test_run_with_boot_test_boots_the_disk(tmp_path: Path) -> None:
     assert "Debian GNU/Linux 12" in log and "login:" in log
 
 
-@pytest.mark.timeout(1200)
 def test_boot_probes_kvm_once_and_says_when_it_falls_back(amd64: Build, tmp_path: Path) -> None:
     """A host whose /dev/kvm cannot run the guest kernel boots by TCG and says so; the
     verdict is kept, so the next boot does not probe again (its log, which has every
