@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -76,3 +77,36 @@ def sha256(path: Path) -> str:
 
 def have(*tools: str) -> bool:
     return all(shutil.which(t) for t in tools)
+
+
+def qcow2_clusters(image: Path) -> list[tuple[int, int]]:
+    """(guest offset, host offset) of every data cluster of a qcow2, from its L1 and L2
+    tables (compressed clusters too, whose host offsets `qemu-img map` does not give)."""
+    with open(image, "rb") as fh:
+        header = fh.read(104)
+        assert header[:4] == b"QFI\xfb", f"{image}: not a qcow2"
+        version, bits = (
+            struct.unpack_from(">I", header, 4)[0],
+            struct.unpack_from(">I", header, 20)[0],
+        )
+        l1_size, l1_offset = struct.unpack_from(">IQ", header, 36)
+        if version >= 3:
+            assert not struct.unpack_from(">Q", header, 72)[0] & 16, "extended L2 entries"
+        cluster = 1 << bits
+        per_table = cluster // 8
+        compressed_bits = 62 - (bits - 8)  # a compressed entry's host offset: bits 0..x-1
+        fh.seek(l1_offset)
+        l1 = struct.unpack(f">{l1_size}Q", fh.read(8 * l1_size))
+        found = []
+        for i, l1_entry in enumerate(l1):
+            if not (table := l1_entry & 0x00FFFFFFFFFFFE00):
+                continue
+            fh.seek(table)
+            for j, entry in enumerate(struct.unpack(f">{per_table}Q", fh.read(cluster))):
+                if entry >> 62 & 1:
+                    host = entry & ((1 << compressed_bits) - 1)
+                else:
+                    host = entry & 0x00FFFFFFFFFFFE00
+                if host:
+                    found.append(((i * per_table + j) * cluster, host))
+    return sorted(found)

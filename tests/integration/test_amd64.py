@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import factory
+from tests.conftest import factory, qcow2_clusters
 from tests.integration.conftest import CACHE, DATA, Build, run_matrix
-from tests.integration.conftest_images import qcow2_clusters
 
 # A session build (trees cold: minutes) counts against the first test that uses it.
 pytestmark = pytest.mark.timeout(1800)
