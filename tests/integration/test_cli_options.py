@@ -109,6 +109,9 @@ def test_events_rich_prints_results_not_event_lines(tmp_path: Path) -> None:
     for job in (f"rootfs:{CELL}", f"publish:{CELL}:tar"):
         assert [x for x in lines if x == f"done {job}" or x.startswith(f"done {job}: ")], lines
     assert f"  → {CELL}/{CELL}.tar" in lines, lines
+    jobs = len(report(tmp_path / "out")["jobs"])
+    bar = re.compile(rf"\s*itest-cli\s.*\s{jobs}/{jobs}\s.*")  # the run's bar, full
+    assert [line for line in lines if bar.fullmatch(line)], lines
     (summary,) = [line for line in lines if line.startswith("run built: ")]
     assert summary.startswith(f"run built: 1 artifacts in {tmp_path / 'out'} ("), summary
 
