@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,13 +18,23 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SESSION_MARK, factory
+from tests.conftest import SESSION_MARK, STARTED, factory
 
 DATA = Path(__file__).parent / "data"
 CACHE = Path(os.environ.get("FACTORY_TEST_CACHE", "/var/cache/factory"))
 OURS = ("qemu-system", "qemu-img", "mmdebstrap", "mksquashfs", "sshd", "apt-get", "dpkg")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="builds images: needs root")
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip every integration test when not root (a `pytestmark` in a conftest is ignored:
+    the skip has to be put on the items)."""
+    if os.geteuid() == 0:
+        return
+    here = Path(__file__).parent
+    needs_root = pytest.mark.skip(reason="builds images: needs root")
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(needs_root)
 
 
 @dataclass
@@ -61,38 +72,123 @@ def amd64(tmp_path_factory: pytest.TempPathFactory) -> Build:
     return build
 
 
-def _mounts() -> set[str]:
+def _ours(path: str, base: Path) -> bool:
+    """Whether `path` is in a folder this session made: pytest's base folder (every
+    tmp_path, OUT and private cache of the tests), or a run's own folder in the shared
+    cache (`tmp/KEY.PID...`, named after the pid of a `factory` we started)."""
+    p = Path(path)
+    if p.is_relative_to(base):
+        return True
+    if not p.is_relative_to(CACHE / "tmp"):
+        return False
+    parts = p.relative_to(CACHE / "tmp").parts
+    return bool(parts) and any(
+        parts[0].endswith(f".{pid}") or f".{pid}." in parts[0] for pid in STARTED
+    )
+
+
+def mounts_ours(base: Path) -> set[str]:
+    """The mount points in folders this session made (see _ours)."""
     with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        return {line.split()[4] for line in fh}
+        points = {line.split()[4].replace("\\040", " ") for line in fh}
+    return {m for m in points if _ours(m, base)}
 
 
-def _loops() -> set[str]:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout
-    return set(out.splitlines())
-
-
-def _processes() -> set[tuple[int, str]]:
-    """Processes of the kinds we start (by name) that carry this session's mark."""
+def loops_ours(base: Path) -> set[str]:
+    """The loop devices whose backing file is in a folder this session made."""
+    out = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     found = set()
+    for line in out.splitlines():
+        name, _, back = line.strip().partition(" ")
+        back = back.strip().removesuffix(" (deleted)")
+        if back and _ours(back, base):
+            found.add(f"{name} {back}")
+    return found
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _link(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def processes_ours(base: Path, pattern: str = "") -> set[tuple[int, str]]:
+    """Live processes this session made whose command line matches `pattern` (a regular
+    expression; empty: those of the kinds we start, OURS or a `factory`). A process is
+    ours when it descends from this pytest, carries this session's mark in its
+    environment, or has its working folder, root (a chroot) or an argument in a folder
+    this session made (see _ours): orphans of a killed run are found by the last two."""
+    table: dict[int, tuple[int, str, bytes, Path]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                comm = (entry / "comm").read_text().strip()
-                if not comm.startswith(OURS):
-                    continue
-                if SESSION_MARK.encode() not in (entry / "environ").read_bytes().split(b"\0"):
-                    continue
-            except OSError:
+        if not entry.name.isdigit():
+            continue
+        stat = _read(entry / "stat").decode(errors="replace")
+        cmdline = _read(entry / "cmdline")
+        if not stat or not cmdline:  # gone, or a kernel thread
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        start = stat.rpartition(")")[2].split()[19]
+        table[int(entry.name)] = (ppid, start, cmdline, entry)
+    me = os.getpid()
+
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid in table and pid not in seen:
+            seen.add(pid)
+            pid = table[pid][0]
+            if pid == me:
+                return True
+        return False
+
+    found = set()
+    for pid, (_, start, cmdline, entry) in table.items():
+        if pid == me:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+        line = " ".join(args)
+        if pattern:
+            if not re.search(pattern, line):
                 continue
-            found.add((int(entry.name), comm))
+        elif not (Path(args[0]).name.startswith(OURS) or "factory" in args[1:3]):
+            continue
+        if (
+            descends(pid)
+            or SESSION_MARK.encode() in _read(entry / "environ").split(b"\0")
+            or any(
+                _ours(p, base)
+                for p in (_link(entry / "cwd"), _link(entry / "root"), *args)
+                if p.startswith("/") and p != "/"
+            )
+        ):
+            found.add((pid, f"{start} {line[:200]}"))
     return found
 
 
 @pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """Fail the test that leaves a mount, a loop device or a process of ours behind."""
-    before = (_mounts(), _loops(), _processes())
+def no_leaks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fail the test that leaves a mount, a loop device or a process of ours behind. Only
+    what this session made counts (see _ours): other work on the machine, another test
+    session among it, neither fails nor hides behind this guard."""
+    base = tmp_path_factory.getbasetemp()
+
+    def now() -> tuple[set[str], set[str], set[tuple[int, str]]]:
+        return mounts_ours(base), loops_ours(base), processes_ours(base)
+
+    before = now()
     yield
-    after = (_mounts(), _loops(), _processes())
-    leaked = [sorted(map(str, now - then)) for then, now in zip(before, after, strict=True)]
+    after = now()
+    leaked = [sorted(map(str, new - old)) for old, new in zip(before, after, strict=True)]
     assert leaked == [[], [], []], f"left behind (mounts, loop devices, processes): {leaked}"

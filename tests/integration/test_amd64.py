@@ -9,14 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import factory
+from tests.conftest import factory, qcow2_clusters, sha256
 from tests.integration.conftest import CACHE, DATA, Build, run_matrix
+
+# A session build (trees cold: minutes) counts against the first test that uses it.
+pytestmark = pytest.mark.timeout(1800)
+
 
 CELL = "debian-bookworm-amd64"
 DISKS = {"raw": "raw", "qcow2": "qcow2", "vhd": "vpc", "vmdk": "vmdk", "vdi": "vdi"}
@@ -174,6 +179,16 @@ def test_initramfs_built_once(amd64: Build) -> None:
 
 
 def test_hooks_ran_in_order_and_place(amd64: Build) -> None:
+    """finalise.d inside the chroot, then cleanup.d on the host, as the tree's build log
+    has them; each with diskimage-builder's variables, as the image has what they wrote."""
+    log = (finalised_tree(amd64).parent / "build.log").read_text().splitlines()
+    commands = [line for line in log if line.startswith("$ ")]
+    (inside,) = [
+        i for i, c in enumerate(commands) if c.endswith(" /tmp/factory-hooks/marker/10-marker")
+    ]
+    (outside,) = [i for i, c in enumerate(commands) if c.endswith("/marker/cleanup.d/10-metadata")]
+    assert inside < outside
+    assert " chroot " in commands[inside] and " chroot " not in commands[outside]
     env = debugfs(amd64, "cat /etc/factory-test/finalise.env")
     assert env.splitlines() == [
         "TARGET_ROOT=/",
@@ -276,10 +291,45 @@ def test_aci_manifest_and_rootfs(amd64: Build) -> None:
 
 
 def test_docker_archive_is_readable_by_skopeo(amd64: Build) -> None:
-    info = json.loads(sh("skopeo", "inspect", f"docker-archive:{amd64.artifact('docker')}"))
+    # The tag the pack stage writes when the matrix names none: NAME/FAMILY:RELEASE-ARCH.
+    tag = "itest/debian:bookworm-amd64"
+    archive = amd64.artifact("docker")
+    (image,) = json.loads(sh("tar", "-xOf", archive, "manifest.json"))
+    assert image["RepoTags"] == [tag]
+    assert len(image["Layers"]) == 1
+    # skopeo finds the image by that tag (a tag the archive lacks is an error).
+    info = json.loads(sh("skopeo", "inspect", f"docker-archive:{archive}:{tag}"))
     assert info["Architecture"] == "amd64" and info["Os"] == "linux"
     assert len(info["Layers"]) == 1
-    assert info["RepoTags"] == [] or info["RepoTags"]
+    missing = subprocess.run(
+        ["skopeo", "inspect", f"docker-archive:{archive}:itest/debian:other"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode != 0
+
+
+def test_qcow2_clusters_are_where_an_in_order_writer_puts_them(
+    amd64: Build, tmp_path: Path
+) -> None:
+    """Written in order (no -W): each cluster of the qcow2 is where qemu-img puts it when it
+    writes one request at a time (-m 1) from the same raw disk with the same options, so
+    the file is the same every run. (Host offsets do not simply grow with guest offsets:
+    qcow2 refills clusters it freed, as when its refcount table grows.) Out of order (-W),
+    clusters land as their writes complete: almost every one elsewhere."""
+    log = (amd64.out / amd64.job(f"convert:{CELL}:qcow2")["log"]).read_text()
+    (command,) = [line for line in log.splitlines() if line.startswith("$ qemu-img convert ")]
+    *options, _raw, _dest = shlex.split(command.removeprefix("$ "))
+    assert "-W" not in options
+    if "-m" in options:
+        options[options.index("-m") + 1] = "1"
+    one_at_a_time = tmp_path / "one-at-a-time.qcow2"
+    sh(*options, amd64.artifact("raw"), one_at_a_time)
+    clusters = qcow2_clusters(amd64.artifact("qcow2"))
+    assert len(clusters) > 1000  # the filesystem's data, not an empty disk
+    assert clusters == qcow2_clusters(one_at_a_time)
+    assert sha256(amd64.artifact("qcow2")) == sha256(one_at_a_time)
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "vhd", "vmdk"])
@@ -331,11 +381,22 @@ def test_run_with_boot_test_boots_the_disk(tmp_path: Path) -> None:
 
 def test_boot_probes_kvm_once_and_says_when_it_falls_back(amd64: Build, tmp_path: Path) -> None:
     """A host whose /dev/kvm cannot run the guest kernel boots by TCG and says so; the
-    verdict is kept, so the next boot does not probe again."""
-    cache = tmp_path / "cache"
-    result = factory("boot", amd64.artifact("raw"), "--cache", cache, timeout=400)
-    assert result.returncode == 0, result.stderr
+    verdict is kept, so the next boot does not probe again (its log, which has every
+    command the boot ran, has no probe in it)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm here: nothing to probe")
+    cache = tmp_path / "cache"
+    runs = []
+    for n in (1, 2):
+        log = tmp_path / f"console-{n}.log"
+        result = factory("boot", amd64.artifact("raw"), "--cache", cache, "--log", log, timeout=400)
+        assert result.returncode == 0, result.stderr
+        commands = [line for line in log.read_text().splitlines() if line.startswith("$ ")]
+        runs.append((result.stderr, [c for c in commands if "qemu-system" in c]))
     (works,) = json.loads((cache / "kvm.json").read_text()).values()
-    assert ("using TCG" in result.stderr) == (not works)
+    for stderr, qemus in runs:
+        assert ("using TCG" in stderr) == (not works)
+        assert qemus[-1].count("-accel kvm" if works else "-accel tcg") == 1  # the boot
+    first, second = (qemus for _, qemus in runs)
+    assert len(first) == 2 and "-accel kvm" in first[0]  # the probe, then the boot
+    assert len(second) == 1  # the boot alone: the kept verdict, no probe

@@ -27,6 +27,10 @@ from factory.results import Output
 from factory.stages import Context, Workspace, pack
 from tests.integration.conftest import DATA, Build, run_matrix
 
+# A session build (trees cold: minutes) counts against the first test that uses it.
+pytestmark = pytest.mark.timeout(1800)
+
+
 CELL = "debian-bookworm-amd64"
 AC_IDENTIFIER = re.compile(r"^[a-z0-9]+([-._~/][a-z0-9]+)*$")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FACTORY, ROOT
-from tests.integration.conftest import CACHE, DATA
+from tests.conftest import FACTORY, ROOT, STARTED, wait_until
+from tests.integration.conftest import CACHE, DATA, processes_ours
 
 CELL = "debian-bookworm-amd64"
 
@@ -42,6 +42,7 @@ class Running:
             stderr=subprocess.PIPE,
             text=True,
         )
+        STARTED.add(self.proc.pid)
 
     def wait_for(
         self, kind: str, job_kind: str, message: str = "", timeout: float = 600
@@ -79,9 +80,25 @@ def mounts_under(path: Path) -> list[str]:
         return [line.split()[4] for line in fh if line.split()[4].startswith(str(path))]
 
 
-def processes(pattern: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
-    return [int(pid) for pid in out.stdout.split()]
+def processes(pattern: str, folder: Path) -> list[int]:
+    """This session's live processes whose command line matches `pattern`: ours by
+    descent, mark, or a working folder, chroot or argument in `folder` or in a run's own
+    cache folder; not the machine's (another session's `sleep 600` is none of ours)."""
+    return sorted(pid for pid, _ in processes_ours(folder, pattern))
+
+
+def chroot_mounts(run: Running, cache: Path = CACHE) -> list[str]:
+    """The mounts in the run's own tree folders in the cache (`tmp/KEY.PID/...`)."""
+    return [m for m in mounts_under(cache / "tmp") if f".{run.proc.pid}/" in m]
+
+
+def in_the_chroot(run: Running) -> None:
+    """Wait until the slow hook holds the chroot: its mounts are up and its sleep runs."""
+    wait_until(
+        "the hook running inside a bound chroot",
+        lambda: chroot_mounts(run) and processes("^sleep 600$", run.out.parent),
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -96,7 +113,9 @@ def assert_clean(out: Path, cache: Path, pid: int) -> None:
     ours = [p for p in (cache / "tmp").iterdir() if p.name.endswith(f".{pid}")]
     assert ours == []
     assert [m for m in mounts_under(cache / "tmp") if f".{pid}/" in m] == []
-    assert processes("sleep 600") == []
+    wait_until(
+        "the hook's processes gone", lambda: processes("^sleep 600$", out.parent) == [], timeout=30
+    )
     assert not (out / ".work").exists()
     assert [p for p in out.rglob("*") if p.name.startswith(".tmp-")] == []
 
@@ -105,10 +124,7 @@ def assert_clean(out: Path, cache: Path, pid: int) -> None:
 def test_signal_inside_the_chroot_undoes_everything(tmp_path: Path, sig: signal.Signals) -> None:
     run = Running(DATA / "slow-hook.toml", tmp_path / "out", CACHE)
     run.wait_for("progress", "finalise", "hook")
-    time.sleep(1)
-    assert [m for m in mounts_under(CACHE / "tmp") if f".{run.proc.pid}/" in m], (
-        "the hook should be running inside a bound chroot"
-    )
+    in_the_chroot(run)
     assert run.stop(sig) == 130
     report = run.report()
     assert report["status"] == "interrupted"
@@ -125,9 +141,18 @@ def test_signal_during_mmdebstrap_leaves_no_partial_tree(
 ) -> None:
     run = Running(DATA / "slow-hook.toml", tmp_path / "out", private_cache)
     run.wait_for("progress", "rootfs", "mmdebstrap")
-    time.sleep(6)  # into package installation, when mmdebstrap has mounts in the tree
+    # Into package installation: mmdebstrap (--mode=root) has mounted /proc, /sys and
+    # /dev in the tree it builds, and is still running.
+    mounted = wait_until(
+        "mmdebstrap's mounts in its tree",
+        lambda: chroot_mounts(run, private_cache),
+        timeout=600,
+        every=0.05,
+    )
+    assert processes(f"mmdebstrap.*{private_cache}", tmp_path), mounted
     assert run.stop(signal.SIGTERM) == 130
-    assert processes(f"mmdebstrap.*{private_cache}") == []
+    assert processes(f"mmdebstrap.*{private_cache}", tmp_path) == []
+    assert mounts_under(private_cache) == []
     assert list((private_cache / "trees").iterdir()) == []
     assert_clean(tmp_path / "out", private_cache, run.proc.pid)
 
@@ -136,11 +161,21 @@ def test_after_sigkill_factory_clean_removes_what_was_left(tmp_path: Path) -> No
     state_dir = Path(os.environ.get("FACTORY_STATE_DIR", "/run/factory"))
     run = Running(DATA / "slow-hook.toml", tmp_path / "out", CACHE)
     run.wait_for("progress", "finalise", "hook")
-    time.sleep(1)
+    in_the_chroot(run)
+    # What clean undoes is what the run wrote down: wait until its state file lists the
+    # hook's process group (factory records a group just after starting it, with fsync).
+    (sleeper,) = processes("^sleep 600$", tmp_path)
+    group = os.getpgid(sleeper)
+    state_file = state_dir / f"run-{run.proc.pid}.json"
+    wait_until(
+        "the hook's process group in the run's state file",
+        lambda: group in json.loads(state_file.read_text())["groups"],
+        timeout=30,
+    )
     run.proc.kill()  # the factory process alone: its children and mounts stay
     run.proc.wait()
-    assert [m for m in mounts_under(CACHE / "tmp") if f".{run.proc.pid}/" in m]
-    assert processes("sleep 600")
+    assert chroot_mounts(run)
+    assert processes("^sleep 600$", tmp_path)
     assert list(state_dir.glob(f"run-{run.proc.pid}.json"))
     done = subprocess.run(
         [*FACTORY, "clean", "--cache", str(CACHE)],
@@ -149,9 +184,9 @@ def test_after_sigkill_factory_clean_removes_what_was_left(tmp_path: Path) -> No
         text=True,
         check=True,
     )
-    assert "unmounted" in done.stdout and "killed process group" in done.stdout
+    assert "unmounted" in done.stdout, done.stdout
+    assert f"killed process group {group}" in done.stdout, done.stdout
     assert not list(state_dir.glob(f"run-{run.proc.pid}.json"))
-    time.sleep(0.5)
     assert_clean(tmp_path / "out", CACHE, run.proc.pid)
 
 
@@ -182,14 +217,14 @@ def test_interrupt_at_each_disk_stage(tmp_path: Path, stage: str) -> None:
     assert "cancelled" in statuses
     assert_clean(tmp_path / "out", CACHE, run.proc.pid)
     assert_only_whole_artifacts(tmp_path / "out")
-    assert sorted(processes("qemu-img")) == []
+    assert processes("^qemu-img ", tmp_path) == []
 
 
 def test_a_second_signal_does_not_break_the_clean_up(tmp_path: Path) -> None:
     """Impatient users press Ctrl-C twice: the clean-up the first one started finishes."""
     run = Running(DATA / "slow-hook.toml", tmp_path / "out", CACHE)
     run.wait_for("progress", "finalise", "hook")
-    time.sleep(1)
+    in_the_chroot(run)
     run.proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
     assert run.stop(signal.SIGTERM) == 130

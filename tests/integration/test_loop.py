@@ -19,7 +19,8 @@ from tests.integration.test_interrupt import Running, mounts_under
 LOOP = DATA / "loop.toml"
 CELL = "debian-bookworm-amd64"
 
-pytestmark = pytest.mark.slow
+# The module build (trees cold: minutes) counts against the first test that uses it.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def loops_on(folder: Path) -> list[str]:

@@ -252,6 +252,7 @@ def test_matrix_helper_writes_the_contract(repo: AptRepo, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # three runs, the last with --refresh
 def test_nightly(repo: AptRepo, signing: tuple[Path, str], tmp_path: Path) -> None:
     home, key = signing
     matrix = write_matrix(tmp_path / "nightly.toml", repo, key)

@@ -22,6 +22,10 @@ from tests.integration.conftest_images import (
     sh,
 )
 
+# A session build (trees cold: minutes) counts against the first test that uses it.
+pytestmark = pytest.mark.timeout(1800)
+
+
 CELL = "debian-bookworm-ppc64el"
 MiB = 1024 * 1024
 

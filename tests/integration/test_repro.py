@@ -54,6 +54,7 @@ def ppc64le_runs_here() -> str | None:
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(3600),  # two builds of every format, the second with --refresh
     pytest.mark.skipif(ppc64le_runs_here() is not None, reason=str(ppc64le_runs_here())),
 ]
 

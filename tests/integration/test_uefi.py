@@ -24,6 +24,10 @@ from tests.integration.conftest_images import (
     u64,
 )
 
+# A session build (trees cold: minutes) counts against the first test that uses it.
+pytestmark = pytest.mark.timeout(1800)
+
+
 CELL = "debian-bookworm-amd64"
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
 ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
