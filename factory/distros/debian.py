@@ -443,55 +443,17 @@ class Debian:
     manifest_format: str = "dpkg"
     purl_type: str = "deb"
 
-    def version_of(self, release: str) -> str:
-        return version_of(release)
-
-    def sources(self, release: str, mirror: str, updates: bool, security: bool) -> str:
-        return sources(release, mirror, updates, security)
-
-    def extra_source(
-        self, uri: str, suite: str, components: tuple[str, ...], key: bytes | None, trusted: bool
-    ) -> str:
-        return extra_source(uri, suite, components, key, trusted)
-
-    def suites_of(self, text: str) -> list[tuple[str, str, tuple[str, ...]]]:
-        return suites_of(text)
-
-    def package_problem(self, name: str) -> str | None:
-        return package_problem(name)
-
-    def packages(
-        self, release: str, arch: str, methods: Iterable[BootMethod], extra: Iterable[str]
-    ) -> list[str]:
-        return packages_for(release, arch, methods, extra)
-
-    def bootstrap_args(
-        self,
-        *,
-        release: str,
-        arch: str,
-        packages: Iterable[str],
-        target: Path,
-        sources_file: Path,
-        lists: Path | None = None,
-    ) -> list[str]:
-        return mmdebstrap_args(
-            release=release,
-            arch=arch,
-            packages=packages,
-            target=target,
-            sources_file=sources_file,
-            lists=lists,
-        )
-
-    def explain_bootstrap(self, tail: Iterable[str], arch: str) -> str | None:
-        return explain(tail, arch)
-
-    def configure_initramfs(self, tree: Path, arch: str, filesystem: str) -> None:
-        write_initramfs_config(tree, arch, filesystem)
-
-    async def manifest(self, tree: Path) -> list[dict[str, str]]:
-        return await dpkg_manifest(tree)
+    # The protocol's methods are this module's functions.
+    version_of = staticmethod(version_of)
+    sources = staticmethod(sources)
+    extra_source = staticmethod(extra_source)
+    suites_of = staticmethod(suites_of)
+    package_problem = staticmethod(package_problem)
+    packages = staticmethod(packages_for)
+    bootstrap_args = staticmethod(mmdebstrap_args)
+    explain_bootstrap = staticmethod(explain)
+    configure_initramfs = staticmethod(write_initramfs_config)
+    manifest = staticmethod(dpkg_manifest)
 
 
 FAMILY: Family = Debian()  # mypy checks it against the protocol
