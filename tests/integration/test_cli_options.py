@@ -143,21 +143,23 @@ def test_refresh_rebuilds_the_cached_tree(tmp_path: Path) -> None:
 @pytest.mark.timeout(1200)
 def test_fail_fast_stops_the_other_cell(tmp_path: Path) -> None:
     """The amd64 cell's hook fails; the ppc64el cell's hook would hold it for ten minutes.
-    --fail-fast cancels it at the first failure and the run ends with exit 1."""
+    --fail-fast cancels it at the first failure and the run ends with exit 1. On a cold
+    cache the ppc64el tree (emulated, slower) may still be building then: whichever of its
+    jobs runs is cancelled, and none after it starts."""
     stopped = run_matrix(DATA / "fail-fast.toml", tmp_path / "out", "--fail-fast")
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     failed = stopped.job(f"finalise:{CELL}")
     assert failed["status"] == "failed" and "50-split exited 3" in failed["error"], failed
-    other = stopped.job(f"finalise:{PPC}")
-    assert other["status"] == "cancelled", other
+    ppc = {j["id"]: j["status"] for j in stopped.report["jobs"] if j["cell"] == PPC}
+    cancelled = [jid for jid, status in ppc.items() if status == "cancelled"]
+    assert len(cancelled) == 1 and cancelled[0] in (f"rootfs:{PPC}", f"finalise:{PPC}"), ppc
+    assert ppc[f"finalise:{PPC}"] in ("cancelled", "skipped"), ppc
     for cell in (CELL, PPC):
         after = [stopped.job(f"{kind}:{cell}:tar")["status"] for kind in ("pack", "publish")]
         assert set(after) <= {"skipped", "cancelled"}, (cell, after)
     assert stopped.report["artifacts"] == []
     order = [(e["kind"], e["job"]) for e in stopped.events if e.get("job")]
-    assert order.index(("failed", f"finalise:{CELL}")) < order.index(
-        ("cancelled", f"finalise:{PPC}")
-    )
+    assert order.index(("failed", f"finalise:{CELL}")) < order.index(("cancelled", cancelled[0]))
 
 
 def test_boot_that_never_reaches_login_exits_1_with_the_console_tail(
@@ -181,11 +183,11 @@ def test_boot_that_never_reaches_login_exits_1_with_the_console_tail(
     subprocess.run(["debugfs", "-w", "-f", "-", fs], input=commands, text=True, check=True)
     console = tmp_path / "console.log"
     result = factory(
-        "boot", disk, "--timeout", "120", "--log", console, "--cache", CACHE, timeout=300
+        "boot", disk, "--timeout", "75", "--log", console, "--cache", CACHE, timeout=300
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "login prompt after" not in result.stdout
-    assert f"boot: {disk.name}: no login prompt within 120 s" in result.stderr
+    assert f"boot: {disk.name}: no login prompt within 75 s" in result.stderr
     shown = [line[4:] for line in result.stderr.split("\n") if line.startswith("  | ")]
     logged = console.read_text(errors="replace").removesuffix("\n").split("\n")
     assert shown and shown == logged[-len(shown) :]

@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from factory.cache import Cache
+from factory.layouts import LAYOUTS
 from factory.plan import Job
 from factory.results import Output
 from factory.stages import Context, Workspace, assemble, convert
@@ -66,8 +67,10 @@ async def build(tree: Path, out: Path, layout: str) -> dict[str, str]:
                 "assemble",
                 f"assemble:{CELL}:{layout}",
                 f"assemble-{layout}-key",
+                family="debian",
                 arch="amd64",
-                layout=layout,
+                layout=LAYOUTS[layout].model_dump(mode="json"),
+                boot=list(LAYOUTS[layout].boot_methods("amd64")),
                 size=None,
                 extra_size=128 * 1024 * 1024,  # mkfs wants the fs at least twice the journal
                 filesystem="ext4",
