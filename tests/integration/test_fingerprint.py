@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,9 @@ def test_a_changed_stage_rebuilds_its_tree(tmp_path: Path) -> None:
     changed = tmp_path / "code"
     shutil.copytree(ROOT / "factory", changed / "factory", ignore=shutil.ignore_patterns("*.pyc"))
     with open(changed / "factory/stages/finalise.py", "a") as fh:
-        fh.write("\n# a change to the finalise stage\n")
+        # Its own change each time: the same change would find its tree in the cache
+        # from the last time this test ran (keys are deterministic).
+        fh.write(f"\n# a change to the finalise stage: {uuid.uuid4()}\n")
     where = subprocess.run(
         [sys.executable, "-c", "import factory; print(factory.__file__)"],
         cwd=changed, capture_output=True, text=True, check=True,
