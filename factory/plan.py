@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from factory import arches, distros, formats
+from factory import distros, formats
 from factory.archive import CellArchive
 from factory.spec import Cell, Matrix
 from factory.stages import (
@@ -248,7 +248,6 @@ def _cell_jobs(
             f"{fmt.name}-{layout}" if layout else fmt.name,
         )
 
-    arch = arches.get(cell.arch)
     for layout in layouts if disk_formats or m.image.boot_test else ():
         # With several layouts, each disk's jobs and files carry its layout's name.
         named = layout.name if len(layouts) > 1 else ""
@@ -303,7 +302,6 @@ def _cell_jobs(
                 ),
                 named,
             )
-    del arch
     for fmt in tree_formats:
         pack_job = b.add(
             "pack",

@@ -12,7 +12,7 @@ import anyio
 from factory.plan import Job
 from factory.proc import CommandError
 from factory.results import Output, StageError
-from factory.stages import Context, Workspace
+from factory.stages import Context, Workspace, registry
 
 # What tools say when their output's filesystem is full ("Wrote only": tar's short write).
 _FULL = ("No space left on device", "Disk quota exceeded", "Wrote only")
@@ -53,8 +53,6 @@ class LocalExecutor:
     async def run(
         self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
     ) -> Output:
-        from factory.stages import registry
-
         try:
             stage = registry.get(job.kind)
         except registry.ParamsError as exc:
