@@ -7,6 +7,8 @@ nothing; FACTORY_TEST_CACHE points the tests at another cache.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -25,16 +27,55 @@ CACHE = Path(os.environ.get("FACTORY_TEST_CACHE", "/var/cache/factory"))
 OURS = ("qemu-system", "qemu-img", "mmdebstrap", "mksquashfs", "sshd", "apt-get", "dpkg")
 
 
+# The integration modules, longest first (their last measured times): scripts/test runs
+# two pytest-xdist workers, each taking whole modules in this order, and the longest
+# first leaves the least for one worker to finish alone. One not listed goes last.
+LONGEST_FIRST = (
+    "test_amd64",
+    "test_formats",
+    "test_cli_options",
+    "test_nightly",
+    "test_repro",
+    "test_remote",
+    "test_uefi",
+    "test_layouts",
+    "test_loop",
+    "test_ppc64el",
+    "test_reliability",
+    "test_repro_disk",
+    "test_interrupt",
+    "test_fingerprint",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip every integration test when not root (a `pytestmark` in a conftest is ignored:
-    the skip has to be put on the items)."""
+    """Order the integration modules longest first (the unit tests stay ahead of them),
+    and skip every integration test when not root (a `pytestmark` in a conftest is
+    ignored: the skip has to be put on the items)."""
+    here = Path(__file__).parent
+
+    def rank(item: pytest.Item) -> int:
+        if not item.path.is_relative_to(here):
+            return -1
+        name = item.path.stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
     if os.geteuid() == 0:
         return
-    here = Path(__file__).parent
     needs_root = pytest.mark.skip(reason="builds images: needs root")
     for item in items:
         if item.path.is_relative_to(here):
             item.add_marker(needs_root)
+
+
+@contextlib.contextmanager
+def alone(what: str) -> Iterator[None]:
+    """Hold a lock that every test session on this machine takes for `what` (scripts/test
+    runs two workers): for tests that need, say, the loop devices to themselves."""
+    with open(f"/tmp/factory-test-{what}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 @dataclass

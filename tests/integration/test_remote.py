@@ -156,19 +156,23 @@ class Sshd:
             f"SetEnv FACTORY_STATE_DIR={self.root}/state FACTORY_TEST_HOST={self.root}\n"
         )
         Path("/run/sshd").mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            [SSHD, "-D", "-f", str(config), "-E", str(self.root / "sshd.log")],
-            start_new_session=True,
-        )
         log = self.root / "sshd.log"
-        log.unlink(missing_ok=True)  # this test's log only
-        deadline = time.monotonic() + 10
+        # This test's log only, removed before sshd starts: removed after, it could take
+        # the line that says sshd listens with it (sshd appends to the file it opened).
+        log.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [SSHD, "-D", "-f", str(config), "-E", str(log)], start_new_session=True
+        )
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # not by connecting: that leaves a child behind
             if log.exists() and f"port {self.port}" in log.read_text():
                 return self
-            assert self.proc.poll() is None, log.read_text() if log.exists() else "no log"
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise AssertionError(log.read_text() if log.exists() else "sshd: no log")
             time.sleep(0.05)
-        raise AssertionError(f"sshd on port {self.port} did not start")
+        self.stop()
+        raise AssertionError(f"sshd on port {self.port} did not start within 30 s")
 
     def kill(self) -> None:
         """The host drops: sshd and its connection processes die at once (the worker,
@@ -252,10 +256,10 @@ def host_roots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hosts(host_roots: Path, client_key: Path) -> Iterator[dict[str, Sshd]]:
     """Two build hosts, a and b, up for one test; afterwards nothing of theirs is left."""
     before = sshds()
-    started = {
-        name: Sshd(name, host_roots / name, free_port(), client_key).start() for name in "ab"
-    }
+    started: dict[str, Sshd] = {}
     try:
+        for name in "ab":  # one that fails to start stops the one already up
+            started[name] = Sshd(name, host_roots / name, free_port(), client_key).start()
         yield started
     finally:
         for host in started.values():
