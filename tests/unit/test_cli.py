@@ -36,7 +36,7 @@ def test_plan_json_has_one_rootfs_per_cell() -> None:
     jobs = json.loads(result.stdout)["jobs"]
     cells = {j["cell"] for j in jobs}
     rootfs = [j["cell"] for j in jobs if j["kind"] == "rootfs"]
-    assert sorted(rootfs) == sorted(cells) and len(cells) == 3
+    assert sorted(rootfs) == sorted(cells) and len(cells) == 4
     assert set(jobs[0]) == {"id", "kind", "cell", "deps", "key"}
 
 
