@@ -114,3 +114,25 @@ def test_boots_by_uefi_to_login_arch_read_from_the_image(arm64: Build, tmp_path:
     assert "Debian GNU/Linux 12" in console
     assert "ttyAMA0" in console
     assert re.search(r"(?m)^\S+ login:\s*$", console), console[-2000:]
+
+
+def test_boots_with_secure_boot_on(arm64: Build, tmp_path: Path) -> None:
+    """shim (Microsoft-signed) → grub → kernel (Debian-signed) verify with AAVMF's
+    Microsoft keys enrolled and Secure Boot on."""
+    log = tmp_path / "console.log"
+    result = factory(
+        "boot",
+        arm64.artifact("raw"),
+        "--firmware",
+        "uefi-secureboot",
+        "--timeout",
+        "600",
+        "--log",
+        log,
+        timeout=700,
+    )
+    console = log.read_text(errors="replace") if log.exists() else ""
+    assert result.returncode == 0, result.stderr + console[-3000:]
+    assert "AAVMF_CODE.ms.fd" in console
+    assert "secureboot: Secure boot enabled" in console
+    assert re.search(r"(?m)^\S+ login:\s*$", console), console[-2000:]
