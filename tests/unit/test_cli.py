@@ -62,6 +62,17 @@ def test_boot_needs_an_image(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not a file" in result.stderr
 
 
+def test_boot_without_arch_of_an_image_that_does_not_say_is_one_line(tmp_path: Path) -> None:
+    """Before any QEMU starts (it used to boot such a disk as amd64 until the timeout)."""
+    blank = tmp_path / "blank.raw"
+    blank.write_bytes(bytes(1024 * 1024))
+    result = factory("boot", blank)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"boot: {blank}: no partition table (give --arch)"
+    ]
+
+
 def test_cache_ls_and_prune(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     for key, age in (("a" * 64, 30), ("b" * 64, 0)):
