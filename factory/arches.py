@@ -102,8 +102,8 @@ ARCHES: dict[str, Arch] = {
             qemu_user="aarch64",
             qemu_system="qemu-system-aarch64",
             qemu_package="qemu-system-arm",
-            # pauth-impdef: TCG's pointer authentication with QEMU's own cheap hash instead
-            # of the architected QARMA, which costs most of an emulated boot's time.
+            # pauth-impdef: pointer authentication by QEMU's own hash, cheaper to emulate
+            # than the architected QARMA (not measured here; the guest cannot tell).
             machine=("-M", "virt", "-cpu", "max,pauth-impdef=on", "-m", "1024", "-display", "none"),
             boot_methods=("uefi",),
             default_layout="gpt-efi",

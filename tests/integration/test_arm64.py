@@ -126,10 +126,10 @@ def test_boots_with_secure_boot_on(arm64: Build, tmp_path: Path) -> None:
         "--firmware",
         "uefi-secureboot",
         "--timeout",
-        "600",
+        "900",  # one run here took over 600 s: load 10-15 on 2 cores under TCG
         "--log",
         log,
-        timeout=700,
+        timeout=1000,
     )
     console = log.read_text(errors="replace") if log.exists() else ""
     assert result.returncode == 0, result.stderr + console[-3000:]
