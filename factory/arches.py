@@ -103,7 +103,7 @@ ARCHES: dict[str, Arch] = {
             qemu_system="qemu-system-aarch64",
             qemu_package="qemu-system-arm",
             # pauth-impdef: pointer authentication by QEMU's own hash, cheaper to emulate
-            # than the architected QARMA (not measured here; the guest cannot tell).
+            # than the architected QARMA (not measured here); Linux uses either.
             machine=("-M", "virt", "-cpu", "max,pauth-impdef=on", "-m", "1024", "-display", "none"),
             boot_methods=("uefi",),
             default_layout="gpt-efi",
