@@ -195,16 +195,24 @@ def boot(
         Path,
         typer.Argument(metavar="IMAGE", help="a disk image (raw, qcow2, vhd, vmdk, vdi, ...)"),
     ],
-    arch: Annotated[str, typer.Option(help="the image's architecture")] = "amd64",
+    arch: Annotated[
+        str | None,
+        typer.Option(help="the image's architecture", show_default="read from the image"),
+    ] = None,
     firmware: Annotated[
-        Literal["bios", "uefi", "uefi-secureboot"], typer.Option(help="how to boot it")
-    ] = "bios",
+        Literal["bios", "uefi", "uefi-secureboot"] | None,
+        typer.Option(help="how to boot it", show_default="uefi if BIOS cannot, else bios"),
+    ] = None,
     timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for login:")] = 300,
     log: Annotated[Path | None, typer.Option(help="keep the console output here")] = None,
     cache: CacheOpt = DEFAULT_CACHE,
 ) -> None:
     """Boot IMAGE in QEMU and wait for its login prompt (exit 0), or fail with the
-    console's last lines (exit 1). KVM is used where a guest really runs under it."""
+    console's last lines (exit 1). KVM is used where a guest really runs under it.
+
+    Without --arch the arch is read from the image (its EFI loader, PReP partition or
+    root filesystem), without mounting it."""
+    from factory import probe
     from factory.proc import JobLog, logging_to
     from factory.results import StageError
     from factory.stages.boot import KVM_VERDICTS, boot_image, detect_format
@@ -218,11 +226,16 @@ def boot(
     async def go(console: Path, work: Path) -> float:
         fmt = await detect_format(image)
         with logging_to(console):
+            if arch is None:
+                found = await probe.detect(image, fmt, work)
+                say(f"{image.name}: {found.arch}, from {found.why}")
+            else:  # what boots a disk of that arch, the image unread
+                found = probe.Found(arch, probe.firmware_for(arch, "", []), "--arch")
             return await boot_image(
                 image,
                 fmt=fmt,
-                arch=arch,
-                firmware=firmware,
+                arch=found.arch,
+                firmware=firmware or found.firmware,
                 timeout=timeout,
                 work=work,
                 verdicts=cache / KVM_VERDICTS,
@@ -233,6 +246,8 @@ def boot(
         console = log or Path(work) / "console.log"
         try:
             seconds = anyio.run(go, console, Path(work))
+        except probe.ProbeError as exc:
+            raise fail_usage(f"boot: {exc}") from None
         except StageError as exc:
             print(f"boot: {exc}", file=sys.stderr)
             for line in JobLog(console).tail(15):

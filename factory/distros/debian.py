@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # The kernel metapackage of each arch (factory.arches names the arches).
 KERNELS = {
     "amd64": "linux-image-amd64",
+    "arm64": "linux-image-arm64",
     "ppc64el": "linux-image-powerpc64le",
 }
 

@@ -43,6 +43,8 @@ def check_tools(arch: str, firmware: str) -> None:
         raise StageError(f"{a.qemu_system} not found: install {a.qemu_package}")
     if firmware not in FIRMWARES:
         raise StageError(f"unknown firmware {firmware!r} (valid: {', '.join(FIRMWARES)})")
+    if firmware == "bios" and a.boot_methods == ("uefi",):
+        raise StageError(f"cannot boot {arch} by bios: its firmware is UEFI (--firmware uefi)")
     if firmware != "bios":
         if firmware not in a.uefi:
             can = ", ".join(n for n, x in arches.ARCHES.items() if x.uefi) or "none"

@@ -83,7 +83,10 @@ def test_initramfs_built_once_from_a_module_list(ppc64el: Build) -> None:
     assert {"ibmvscsi", "virtio_blk", "ext4"} <= set(listed)
 
 
-def test_boots_to_login(ppc64el: Build, tmp_path: Path) -> None:
-    console = boots(ppc64el.artifact("raw"), tmp_path / "console.log", "--arch", "ppc64el")
+def test_boots_to_login_arch_read_from_the_image(ppc64el: Build, tmp_path: Path) -> None:
+    """No --arch: `factory boot` reads ppc64el from the PReP partition (it once booted
+    such a disk as x86 and waited out the timeout)."""
+    console = boots(ppc64el.artifact("raw"), tmp_path / "console.log")
+    assert "$ qemu-system-ppc64 -M pseries " in console
     assert "Debian GNU/Linux 12" in console
     assert "hvc0" in console

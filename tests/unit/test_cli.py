@@ -36,7 +36,7 @@ def test_plan_json_has_one_rootfs_per_cell() -> None:
     jobs = json.loads(result.stdout)["jobs"]
     cells = {j["cell"] for j in jobs}
     rootfs = [j["cell"] for j in jobs if j["kind"] == "rootfs"]
-    assert sorted(rootfs) == sorted(cells) and len(cells) == 3
+    assert sorted(rootfs) == sorted(cells) and len(cells) == 4
     assert set(jobs[0]) == {"id", "kind", "cell", "deps", "key"}
 
 
@@ -60,6 +60,17 @@ def test_only_that_matches_nothing_is_bad_input(tmp_path: Path) -> None:
 def test_boot_needs_an_image(tmp_path: Path) -> None:
     result = factory("boot", tmp_path / "nope.raw")
     assert result.returncode == 2 and "not a file" in result.stderr
+
+
+def test_boot_without_arch_of_an_image_that_does_not_say_is_one_line(tmp_path: Path) -> None:
+    """Before any QEMU starts (it used to boot such a disk as amd64 until the timeout)."""
+    blank = tmp_path / "blank.raw"
+    blank.write_bytes(bytes(1024 * 1024))
+    result = factory("boot", blank)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"boot: {blank}: no partition table (give --arch)"
+    ]
 
 
 def test_cache_ls_and_prune(tmp_path: Path) -> None:

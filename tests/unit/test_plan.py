@@ -82,9 +82,10 @@ def test_one_rootfs_per_cell(nightly: Plan) -> None:
     cells = nightly.cells()
     assert sorted(cells) == [
         "debian-bookworm-amd64",
+        "debian-bookworm-arm64",
         "debian-bookworm-ppc64el",
         "debian-trixie-amd64",
-    ]  # ppc64el/trixie is excluded
+    ]  # arm64/trixie and ppc64el/trixie are excluded
     for cell in cells:
         rootfs = [j for j in nightly.jobs if j.cell == cell and j.kind == "rootfs"]
         assert len(rootfs) == 1, cell
@@ -224,8 +225,10 @@ def test_boot_test_adds_a_boot_job_after_assemble(tmp_path: Path) -> None:
 def test_layout_follows_the_arch(nightly: Plan) -> None:
     for j in nightly.jobs:
         if j.kind == "assemble":
-            assert j.params["layout"]["name"] == {"amd64": "mbr", "ppc64el": "ppc-prep"}[j.arch]
-            assert j.params["boot"] == {"amd64": ["bios-mbr"], "ppc64el": ["prep"]}[j.arch]
+            layout = {"amd64": "mbr", "arm64": "gpt-efi", "ppc64el": "ppc-prep"}[j.arch]
+            assert j.params["layout"]["name"] == layout
+            boot = {"amd64": ["bios-mbr"], "arm64": ["uefi"], "ppc64el": ["prep"]}[j.arch]
+            assert j.params["boot"] == boot
 
 
 # --- keys -------------------------------------------------------------------------------------

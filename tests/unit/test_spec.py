@@ -280,10 +280,10 @@ BAD: dict[str, tuple[list[str], str, int, str]] = {
     ),
     # unknown values
     "arch": (
-        ['name = "t"', 'arches = ["amd64", "arm64"]', *HEAD[2:]],
+        ['name = "t"', 'arches = ["amd64", "riscv64"]', *HEAD[2:]],
         "arches[1]",
         2,
-        "valid: amd64, ppc64el",
+        "valid: amd64, arm64, ppc64el",
     ),
     "family": (
         [*HEAD[:2], 'distros = ["ubuntu/noble"]', HEAD[3]],
