@@ -92,8 +92,8 @@ class TooSmall(ValueError):
     """The user's size cannot hold the tree."""
 
 
-def _needed_fs(usage: TreeUsage, extra: int) -> int:
-    payload = usage.allocated * (1 + SLACK) + JOURNAL + extra
+def _needed_fs(usage: TreeUsage, extra: int, journal: int = JOURNAL) -> int:
+    payload = usage.allocated * (1 + SLACK) + journal + extra
     by_data = payload / (1 - INODE_SIZE / BYTES_PER_INODE - METADATA)
     by_inodes = usage.entries * BYTES_PER_INODE * 1.2
     return round_mib(max(by_data, by_inodes))
@@ -131,13 +131,21 @@ OVERHEAD: dict[str, tuple[float, int, int]] = {
     "btrfs": (0.15, 96 * MiB, 2048),
     "vfat": (0.10, 4 * MiB, 512),
 }
-MIN_BYTES = {"ext4": 16 * MiB, "xfs": 300 * MiB, "btrfs": 128 * MiB, "vfat": 33 * MiB}
+MIN_BYTES = {"ext4": 32 * MiB, "xfs": 300 * MiB, "btrfs": 128 * MiB, "vfat": 33 * MiB}
 
 
-def needed(filesystem: str, usage: TreeUsage, extra: int) -> int:
-    """The smallest `filesystem` (whole MiB) for `usage` plus `extra` free bytes."""
+def ext4_journal(size: int) -> int:
+    """The journal of a user's ext4 partition of `size`: 64 MiB as the root's, less on a
+    small one (mke2fs refuses a journal near half the filesystem), 4 MiB at least."""
+    return max(4 * MiB, min(JOURNAL, size // 8 // MiB * MiB))
+
+
+def needed(filesystem: str, usage: TreeUsage, extra: int, size: int | None = None) -> int:
+    """The smallest `filesystem` (whole MiB) for `usage` plus `extra` free bytes (in a
+    partition of `size`, when it is set: an ext4's journal follows its size)."""
     if filesystem == "ext4":
-        return max(MIN_BYTES["ext4"], _needed_fs(usage, extra))
+        journal = JOURNAL if size is None else ext4_journal(size)
+        return max(MIN_BYTES["ext4"], _needed_fs(usage, extra, journal))
     share, fixed, per_inode = OVERHEAD[filesystem]
     payload = usage.allocated * (1 + share) + fixed + usage.entries * per_inode + extra
     return round_mib(max(MIN_BYTES[filesystem], payload))
@@ -173,7 +181,7 @@ def partition_sizes(
         held = f"tree {usage.allocated / MiB:.0f} MiB in {usage.entries} inodes"
         if v.filesystem == "swap" or v.size is not None:
             size = round_mib(v.size or 0)
-            least = needed(v.filesystem, usage, 0) if v.filesystem != "swap" else size
+            least = needed(v.filesystem, usage, 0, size) if v.filesystem != "swap" else size
             if size < least:
                 raise TooSmall(
                     f"partition {name} ({v.filesystem}) of {size // MiB} MiB cannot hold its "

@@ -418,9 +418,10 @@ class Exclude(_Model):
 
 
 _MOUNTPOINT = re.compile(r"/|(?:/[A-Za-z0-9._+-]+)+")
-# The smallest filesystem each mkfs here makes (xfsprogs 5.19+ refuses below 300 MiB;
-# mkfs.btrfs needs room for its chunks; FAT32 with one-sector clusters needs 65525 of them).
-MIN_MIB = {"ext4": 16, "xfs": 300, "btrfs": 128, "vfat": 33, "swap": 1}
+# The smallest filesystem each mkfs here makes (ext4: room for a 4 MiB journal; xfsprogs
+# 5.19+ refuses below 300 MiB; mkfs.btrfs needs room for its chunks; FAT32 with
+# one-sector clusters needs 65525 of them).
+MIN_MIB = {"ext4": 32, "xfs": 300, "btrfs": 128, "vfat": 33, "swap": 1}
 
 
 def _mountpoint(value: str) -> str:

@@ -27,6 +27,7 @@ def mkfs_args(
     size: int,
     hash_seed: str | None = None,
     label: str = "root",
+    journal: int = sizing.JOURNAL,
 ) -> list[str]:
     """mkfs.ext4 into a byte range of `disk` (offset None: a device of its own), filled
     from `tree` (None: left empty). mke2fs keeps only its last -E, so every extended
@@ -49,7 +50,7 @@ def mkfs_args(
         "-i",
         str(sizing.BYTES_PER_INODE),
         "-J",
-        f"size={sizing.JOURNAL // layouts.MiB}",
+        f"size={journal // layouts.MiB}",
         *(["-E", ",".join(extended)] if extended else []),
         *fill,
         str(disk),

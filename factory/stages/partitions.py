@@ -149,7 +149,9 @@ async def make(
     if fs == "ext4" and not mounted:
         target = ext4.partition(disk, offset)
         await proc.run(
-            ext4.mkfs_args(src, disk, uuid, offset, size, ext4.hash_seed(seed), name),
+            ext4.mkfs_args(
+                src, disk, uuid, offset, size, ext4.hash_seed(seed), name, sizing.ext4_journal(size)
+            ),
             env=env,
         )
         if src is not None:
@@ -182,7 +184,16 @@ async def make(
             )
         elif fs == "ext4":
             await proc.run(
-                ext4.mkfs_args(None, image, uuid, None, size, ext4.hash_seed(seed), name),
+                ext4.mkfs_args(
+                    None,
+                    image,
+                    uuid,
+                    None,
+                    size,
+                    ext4.hash_seed(seed),
+                    name,
+                    sizing.ext4_journal(size),
+                ),
                 env=env,
             )
         else:
