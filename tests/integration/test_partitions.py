@@ -80,8 +80,13 @@ def test_the_xfs_way_is_said_in_the_events_and_the_size_names_each_partition(
         assert name in reason
 
 
-def test_the_guest_mounts_each_partition_where_fstab_says(build: Build, tmp_path: Path) -> None:
-    console = boots(build.artifact("raw"), tmp_path / "console.log")
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_the_guest_mounts_each_partition_where_fstab_says(
+    build: Build, tmp_path: Path, firmware: str
+) -> None:
+    """By BIOS (core.img in the BIOS boot partition) and by UEFI (shim and the signed
+    grub, told by the ESP's grub.cfg to read /grub on the /boot partition)."""
+    console = boots(build.artifact("raw"), tmp_path / "console.log", "--firmware", firmware)
     block = re.search(r"FINDMNT-BEGIN(.*?)FINDMNT-END", console, re.S)
     assert block, console[-3000:]
     mounted = {}
