@@ -116,6 +116,26 @@ async def image_file(work: Path, name: str, size: int) -> AsyncIterator[Path]:
         path.unlink(missing_ok=True)
 
 
+def kernel_has(filesystem: str) -> bool:
+    """Whether this kernel mounts `filesystem` now (built in, or its module loaded)."""
+    with open("/proc/filesystems", encoding="ascii") as fh:
+        return filesystem in {line.split()[-1] for line in fh if line.strip()}
+
+
+async def probe_kernel(filesystem: str, point: str) -> None:
+    """A filesystem the kernel here cannot mount, said before any mkfs: its module is
+    loaded if it is not yet (a container may not be allowed to)."""
+    if kernel_has(filesystem):
+        return
+    await proc.run(["modprobe", filesystem], check=False)
+    if not kernel_has(filesystem):
+        raise StageError(
+            f"partition {point}: this kernel cannot mount {filesystem} (not in "
+            f"/proc/filesystems, and modprobe {filesystem} failed; load the module on the "
+            "host, or build this matrix on a host whose kernel has it)"
+        )
+
+
 async def _fill_mounted(image: Path, src: Path, point: Path) -> None:
     """The tree's part copied onto the filesystem in `image`, mounted through a loop
     device; each undone on every exit path."""
@@ -142,6 +162,7 @@ async def make(
     tag = point.strip("/").replace("/", "-") or "root"
     mounted = src is not None and (fs == "xfs" or (ctx.ws.loop and fs in ("ext4", "btrfs")))
     if mounted:
+        await probe_kernel(str(fs), point)
         why = "--loop" if fs != "xfs" else "mkfs.xfs cannot fill a filesystem from a folder"
         ctx.emit(f"{point}: {fs} filled through a loop device and a mount ({why})")
     else:

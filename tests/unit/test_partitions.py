@@ -9,8 +9,9 @@ import pytest
 
 from factory import layouts, plan, sizing
 from factory.layouts import LAYOUTS, MiB, Volume
+from factory.results import StageError
 from factory.spec import load_matrix
-from factory.stages import bootloader, finalise
+from factory.stages import bootloader, finalise, partitions
 from tests.unit.test_spec import error_of, write
 
 REPO = Path(__file__).resolve().parents[2]
@@ -290,3 +291,20 @@ def test_the_default_layouts_read_ext4_from_root() -> None:
     for lay in LAYOUTS.values():
         boot = bootloader.BootFs.of(lay, "u")
         assert (boot.uuid, boot.prefix, boot.module) == ("u", "/boot/grub", "ext2")
+
+
+def test_the_kernel_probe_reads_proc_filesystems() -> None:
+    listed = Path("/proc/filesystems").read_text().split()
+    assert partitions.kernel_has("ext4") == ("ext4" in listed)
+    assert not partitions.kernel_has("nosuchfs")
+
+
+async def test_a_filesystem_the_kernel_cannot_mount_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def no_modprobe(*args: object, **kw: object) -> None:
+        return None
+
+    monkeypatch.setattr(partitions.proc, "run", no_modprobe)
+    with pytest.raises(StageError, match=r"partition /: this kernel cannot mount nosuchfs"):
+        await partitions.probe_kernel("nosuchfs", "/")
