@@ -32,7 +32,6 @@ DISKBOOT_BLOCKLIST_START = 0x1F4
 MBR_CODE = 440  # boot.img bytes that fit before the disk signature and partition table
 
 
-
 @dataclass(frozen=True)
 class SignedEfi:
     """Where a tree keeps the signed EFI binaries of an arch: where it has shim and the
@@ -174,9 +173,7 @@ async def install_gpt_bios(
     _write_at(disk, start, core)
 
 
-async def esp_files(
-    tree: Path, boot: BootFs, work: Path, arch: Arch, vendor: str
-) -> list[EspFile]:
+async def esp_files(tree: Path, boot: BootFs, work: Path, arch: Arch, vendor: str) -> list[EspFile]:
     """shim as the removable-media loader with the distro's signed grub beside it (its
     config is read from /EFI/VENDOR), or else an unsigned grub with an early config."""
     efi, signed = arch.efi, SignedEfi.of(arch)
