@@ -172,6 +172,14 @@ def cell_epoch(matrix: Matrix, state: CellArchive | None) -> int:
     return state.epoch if state is not None else DEFAULT_EPOCH
 
 
+def fs_uuid(filesystem: str, drawn: uuid.UUID) -> str:
+    """A filesystem's UUID as blkid and fstab name it: a FAT has only a 32-bit serial,
+    written XXXX-XXXX."""
+    if filesystem == "vfat":
+        return f"{drawn.hex[:4]}-{drawn.hex[4:8]}".upper()
+    return str(drawn)
+
+
 def user_volumes(
     m: Matrix, cell: Cell, rootfs_key: str, root_uuid: str
 ) -> tuple[layouts.Volume, ...]:
@@ -185,8 +193,9 @@ def user_volumes(
             empty=p.empty,
             uuid=root_uuid
             if p.mountpoint == "/"
-            else str(
-                uuid.uuid5(_UUID_NAMESPACE, f"part:{p.mountpoint or i}:{cell.id}:{rootfs_key}")
+            else fs_uuid(
+                p.filesystem,
+                uuid.uuid5(_UUID_NAMESPACE, f"part:{p.mountpoint or i}:{cell.id}:{rootfs_key}"),
             ),
         )
         for i, p in enumerate(m.image.partitions)

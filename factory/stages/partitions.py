@@ -180,7 +180,7 @@ async def make(
         await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", target], env=env)
         return
     if fs == "vfat":
-        serial = repro.seeded_bytes(seed, "fat-serial", 4).hex()
+        serial = uuid.replace("-", "").lower()  # the plan's XXXX-XXXX: fstab names it
         await proc.run(
             ["mkfs.vfat", "-F", "32", "-s", "1", "-n", name, "--invariant", "-i", serial,
              f"--offset={offset // layouts.SECTOR}", str(disk), str(size // 1024)],
@@ -260,8 +260,8 @@ async def run(ctx: Context, p: Params) -> Output:
             if part.uuid is None:  # the boot method's: made with the boot code
                 continue
             point = part.mountpoint
-            if point is None or part.empty:
-                await make(ctx, tmp, part, span, None, work, p.epoch)
+            if point is None or part.empty or not (tree / point.lstrip("/")).is_dir():
+                await make(ctx, tmp, part, span, None, work, p.epoch)  # nothing of the tree
             else:
                 async with staged(tree, point, filled, work) as src:
                     await make(ctx, tmp, part, span, src, work, p.epoch)

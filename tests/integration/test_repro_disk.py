@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from factory import plan
 from factory.cache import Cache
 from factory.layouts import LAYOUTS
 from factory.plan import Job
@@ -132,13 +133,17 @@ VOLUMES = [
 ]  # fmt: skip
 
 
-async def build_partitions(tree: Path, out: Path) -> tuple[Path, list[dict[str, object]]]:
+async def build_partitions(
+    tree: Path, out: Path, loop: bool = False, said: list[str] | None = None
+) -> tuple[Path, list[dict[str, object]]]:
     volumes = [
         {
             "mountpoint": point,
             "filesystem": fs,
             "size": size and size * 1024 * 1024,
-            "uuid": ROOT_UUID if point == "/" else str(uuid.uuid5(uuid.NAMESPACE_URL, str(point))),
+            "uuid": ROOT_UUID
+            if point == "/"
+            else plan.fs_uuid(fs, uuid.uuid5(uuid.NAMESPACE_URL, str(point))),
         }
         for point, fs, size in VOLUMES
     ]
@@ -160,8 +165,8 @@ async def build_partitions(tree: Path, out: Path) -> tuple[Path, list[dict[str, 
                 epoch=EPOCH,
             ),
             {f"finalise:{CELL}": Output(tree)},
-            Workspace(out=out, cache=Cache(out / "cache"), cpus=2),
-            lambda _: None,
+            Workspace(out=out, cache=Cache(out / "cache"), cpus=2, loop=loop),
+            (said if said is not None else []).append,
         )
     )
     assert made.path is not None
@@ -194,3 +199,26 @@ async def test_user_partitions_ext4_vfat_swap_and_the_table_give_the_same_bytes(
     assert part_digest(first, {"offset": 0, "size": head}) == part_digest(
         second, {"offset": 0, "size": head}
     )
+
+
+async def test_user_partitions_through_loop_devices(tmp_path: Path) -> None:
+    """--loop: ext4, btrfs and XFS made empty in their own files, mounted, filled by cp -a;
+    each says so, and blkid finds every filesystem with its planned UUID."""
+    tree = small_tree(tmp_path / "tree")
+    for folder in ("var/lib", "opt"):
+        (tree / folder).mkdir(parents=True)
+        (tree / folder / "f").write_text("x\n" * 100)
+    os.link(tree / "var/lib/f", tree / "var/lib/g")  # a hard link kept by cp -a
+    said: list[str] = []
+    disk, parts = await build_partitions(tree, tmp_path / "out", loop=True, said=said)
+    assert "/: ext4 filled through a loop device and a mount (--loop)" in said
+    assert "/var: btrfs filled through a loop device and a mount (--loop)" in said
+    why = "mkfs.xfs cannot fill a filesystem from a folder"
+    assert f"/opt: xfs filled through a loop device and a mount ({why})" in said
+    for p in parts:
+        probe = (
+            await anyio.run_process(
+                ["blkid", "-p", "-o", "export", "-O", str(p["offset"]), "-S", str(p["size"]), disk]
+            )
+        ).stdout.decode()
+        assert f"TYPE={p['filesystem']}" in probe and f"UUID={p['uuid']}" in probe, probe

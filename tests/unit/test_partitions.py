@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -308,3 +309,17 @@ async def test_a_filesystem_the_kernel_cannot_mount_is_one_line(
     monkeypatch.setattr(partitions.proc, "run", no_modprobe)
     with pytest.raises(StageError, match=r"partition /: this kernel cannot mount nosuchfs"):
         await partitions.probe_kernel("nosuchfs", "/")
+
+
+def test_a_fat_gets_a_serial_as_its_uuid(tmp_path: Path) -> None:
+    """blkid names a FAT by its 32-bit serial (XXXX-XXXX): fstab must too."""
+    m = load_matrix(
+        write(
+            tmp_path,
+            HEAD + parts(ROOT, {"mountpoint": "/srv", "size": "64MiB", "filesystem": "vfat"}),
+        )
+    )
+    (cell,) = m.cells()
+    _, fat = plan.user_volumes(m, cell, "k" * 64, "6d53d9fc-503d-5842-9fe5-2accc67a7fcc")
+    assert re.fullmatch(r"[0-9A-F]{4}-[0-9A-F]{4}", fat.uuid)
+    assert finalise.fstab_of((fat,)) == f"UUID={fat.uuid} /srv vfat umask=0077 0 2\n"
