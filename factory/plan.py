@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from factory import distros, formats
+from factory import distros, formats, layouts
 from factory.archive import CellArchive
 from factory.spec import Cell, Matrix
 from factory.stages import (
@@ -172,6 +172,36 @@ def cell_epoch(matrix: Matrix, state: CellArchive | None) -> int:
     return state.epoch if state is not None else DEFAULT_EPOCH
 
 
+def fs_uuid(filesystem: str, drawn: uuid.UUID) -> str:
+    """A filesystem's UUID as blkid and fstab name it: a FAT has only a 32-bit serial,
+    written XXXX-XXXX."""
+    if filesystem == "vfat":
+        return f"{drawn.hex[:4]}-{drawn.hex[4:8]}".upper()
+    return str(drawn)
+
+
+def user_volumes(
+    m: Matrix, cell: Cell, rootfs_key: str, root_uuid: str
+) -> tuple[layouts.Volume, ...]:
+    """The user's partitions with their filesystems' UUIDs, drawn like the root's: from the
+    cell and its tree's key, so fstab (finalise) and mkfs (assemble) agree."""
+    return tuple(
+        layouts.Volume(
+            mountpoint=p.mountpoint,
+            filesystem=p.filesystem,
+            size=p.size,
+            empty=p.empty,
+            uuid=root_uuid
+            if p.mountpoint == "/"
+            else fs_uuid(
+                p.filesystem,
+                uuid.uuid5(_UUID_NAMESPACE, f"part:{p.mountpoint or i}:{cell.id}:{rootfs_key}"),
+            ),
+        )
+        for i, p in enumerate(m.image.partitions)
+    )
+
+
 def _cell_jobs(
     b: _Builder, cell: Cell, hooks: list[finalise.Hook], state: CellArchive | None
 ) -> None:
@@ -215,6 +245,7 @@ def _cell_jobs(
     )
     rootfs_key = b.keys[rootfs_job]
     root_uuid = str(uuid.uuid5(_UUID_NAMESPACE, f"root:{cell.id}:{rootfs_key}"))
+    volumes = user_volumes(m, cell, rootfs_key, root_uuid)
     finalise_job = b.add(
         "finalise",
         cell,
@@ -225,7 +256,8 @@ def _cell_jobs(
             arch=cell.arch,
             boot=every_method,
             root_uuid=root_uuid,
-            filesystem=m.image.filesystem,
+            filesystem=m.image.root_filesystem(),
+            volumes=volumes,
             image_name=cell.id,
             hooks=tuple(hooks),
             manifest=f"{cell.id}/{cell.id}.manifest.json",
@@ -262,8 +294,9 @@ def _cell_jobs(
                 boot=methods[layout.name],
                 size=m.image.size,
                 extra_size=m.image.extra_size,
-                filesystem=m.image.filesystem,
+                filesystem=m.image.root_filesystem(),
                 root_uuid=root_uuid,
+                volumes=volumes,
                 epoch=epoch,
             ),
             named,

@@ -36,7 +36,7 @@ from pydantic_core import ErrorDetails
 from factory import distros as families
 from factory.arches import ARCHES
 from factory.formats import FORMATS, QCOW2_V3_ONLY, QEMU_IMG_OPTIONS, check_qemu_img_option
-from factory.layouts import LAYOUTS, Layout, fitting, resolve
+from factory.layouts import BOOT_READS, LAYOUTS, Filesystem, Layout, fitting, resolve
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -417,6 +417,97 @@ class Exclude(_Model):
         return (self.arch in (None, cell.arch)) and (self.distro in (None, str(cell.distro)))
 
 
+_MOUNTPOINT = re.compile(r"/|(?:/[A-Za-z0-9._+-]+)+")
+# The smallest filesystem each mkfs here makes (ext4: room for a 4 MiB journal; xfsprogs
+# 5.19+ refuses below 300 MiB; mkfs.btrfs needs room for its chunks; FAT32 with
+# one-sector clusters needs 65525 of them).
+MIN_MIB = {"ext4": 32, "xfs": 300, "btrfs": 128, "vfat": 33, "swap": 1}
+
+
+def _mountpoint(value: str) -> str:
+    if not _MOUNTPOINT.fullmatch(value) or any(p in (".", "..") for p in value.split("/")):
+        raise ValueError(
+            f'{value!r} is not a mount point (an absolute path such as "/var" or '
+            '"/srv/data": letters, digits and . _ + -, no trailing "/", no "." or "..")'
+        )
+    return value
+
+
+def _under(child: str, parent: str) -> bool:
+    return parent == "/" or child.startswith(parent + "/")
+
+
+class UserPartition(_Model):
+    """One [[image.partitions]] entry: where it is mounted, how big, which filesystem."""
+
+    mountpoint: Annotated[str, AfterValidator(_mountpoint)] | None = None
+    size: Annotated[Size | None, BeforeValidator(_size)]  # None: "auto"
+    filesystem: Filesystem
+    empty: StrictBool = False
+
+    @model_validator(mode="after")
+    def _alone(self) -> UserPartition:
+        if self.filesystem == "swap":
+            if self.mountpoint is not None:
+                raise _Problem(
+                    "swap has no mount point (remove mountpoint, or pick a filesystem)",
+                    "mountpoint",
+                )
+            if self.size is None:
+                raise _Problem('swap needs a size (e.g. size = "256MiB", not "auto")', "size")
+        elif self.mountpoint is None:
+            raise _Problem(
+                f'a {self.filesystem} partition needs a mount point (e.g. mountpoint = "/var")',
+                "mountpoint",
+            )
+        least = MIN_MIB[self.filesystem]
+        if self.size is not None and self.size < least * MiB:
+            raise _Problem(
+                f"{self.filesystem} needs at least {least} MiB (set size to "
+                f'"{least}MiB" or more, or "auto")',
+                "size",
+            )
+        if self.mountpoint == "/" and self.filesystem not in ("ext4", "xfs", "btrfs"):
+            raise _Problem(
+                f"a root on {self.filesystem} cannot hold a Linux system (no owners or "
+                'symlinks; use filesystem = "ext4", "xfs" or "btrfs")',
+                "filesystem",
+            )
+        if self.empty and self.mountpoint == "/":
+            raise _Problem("the root partition holds the tree (remove empty = true)", "empty")
+        return self
+
+
+def _partitions(parts: tuple[UserPartition, ...]) -> tuple[UserPartition, ...]:
+    """The checks across partitions: one per mount point, a root, parents before children."""
+    if not parts:
+        return parts
+    points = [p.mountpoint for p in parts]
+    for i, point in enumerate(points):
+        if point is not None and point in points[:i]:
+            raise _Problem(
+                f"mount point {point} is taken by partition {points.index(point) + 1} "
+                "(give each partition its own mountpoint)",
+                i,
+                "mountpoint",
+            )
+    if "/" not in points:
+        raise _Problem(
+            'no partition is the root (give one mountpoint = "/", size = "auto")', 0, "mountpoint"
+        )
+    for i, point in enumerate(points):
+        for j in range(i + 1, len(points)):
+            later = points[j]
+            if point and later and later != "/" and _under(point, later):
+                raise _Problem(
+                    f"{point} is inside {later}, which comes later (list {later} before {point}:"
+                    " a partition is mounted before those under it)",
+                    i,
+                    "mountpoint",
+                )
+    return parts
+
+
 class Image(_Model):
     """What goes into every image and how the disk is made."""
 
@@ -426,6 +517,8 @@ class Image(_Model):
     size: Annotated[Size | None, BeforeValidator(_size)] = None  # None: from the tree + extra_size
     extra_size: Annotated[Size, BeforeValidator(_size)] = 256 * MiB
     filesystem: Literal["ext4"] = "ext4"
+    # Partitions of one's own: the layout then adds only its boot method's partitions.
+    partitions: Annotated[tuple[UserPartition, ...], AfterValidator(_partitions)] = ()
     # One layout, or several: each cell gets a disk per layout that fits its arch.
     layout: Annotated[
         tuple[Annotated[str, AfterValidator(_layout)], ...],
@@ -449,6 +542,28 @@ class Image(_Model):
     boot_timeout: Annotated[StrictInt, Field(ge=1)] = 300
     # SOURCE_DATE_EPOCH of every cell: None takes the newest Date: of its suites' Release.
     epoch: Annotated[StrictInt, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _fits_size(self) -> Image:
+        """Fixed partitions larger than the disk's size: said now, not by sfdisk."""
+        if self.size is None:
+            return self
+        total = 0
+        for i, part in enumerate(self.partitions):
+            total += part.size or MIN_MIB[part.filesystem] * MiB
+            if total > self.size:
+                raise _Problem(
+                    f"the partitions up to this one need {-(-total // MiB)} MiB, more than "
+                    f"image.size {self.size // MiB} MiB (make them smaller, or image.size "
+                    'larger, or "auto")',
+                    "partitions", i, "size",
+                )  # fmt: skip
+        return self
+
+    def root_filesystem(self) -> str:
+        """The root partition's filesystem: its own with [[image.partitions]]."""
+        root = next((p for p in self.partitions if p.mountpoint == "/"), None)
+        return root.filesystem if root is not None else self.filesystem
 
     @model_validator(mode="after")
     def _qcow2_compat(self) -> Image:
@@ -676,6 +791,7 @@ class Matrix(_Model):
                     "layout",
                     *([i] if len(layouts) > 1 else []),
                 )
+        self._partitions_fit(arches)
         for arch in arches:
             if not self.layouts_for(arch):
                 raise _Problem(
@@ -685,6 +801,35 @@ class Matrix(_Model):
                     "layout",
                 )
         return self
+
+    def _partitions_fit(self, arches: list[str]) -> None:
+        """The user's partitions against each layout: a dos label's four primary slots, and
+        a /boot (or root, without one) that every boot method of the disk can read."""
+        parts = self.image.partitions
+        if not parts:
+            return
+        boot_i, boot = next(
+            ((i, p) for i, p in enumerate(parts) if p.mountpoint == "/boot"),
+            next((i, p) for i, p in enumerate(parts) if p.mountpoint == "/"),
+        )
+        for arch in arches:
+            for layout in self.layouts_for(arch):
+                total = len(layout.partitions) - 1 + len(parts)
+                if layout.label == "dos" and total > 4:
+                    raise _Problem(
+                        f"layout {layout.name} is a dos label: 4 partitions at most, these make "
+                        f"{total} (use fewer partitions, or the gpt-efi layout)",
+                        "image", "partitions",
+                    )  # fmt: skip
+                for method in layout.boot_methods(arch):
+                    if boot.filesystem not in BOOT_READS[method]:
+                        readable = ", ".join(sorted(BOOT_READS[method]))
+                        raise _Problem(
+                            f"{boot.mountpoint} holds the kernel, and the {method} boot of "
+                            f"{arch} ({layout.name}) cannot read {boot.filesystem} (use one "
+                            f"of {readable} for {boot.mountpoint})",
+                            "image", "partitions", boot_i, "filesystem",
+                        )  # fmt: skip
 
     def cells(self) -> tuple[Cell, ...]:
         """Every (distro, arch) to build, distro-major in file order, minus the excludes."""
@@ -991,6 +1136,7 @@ __all__ = [
     "Matrix",
     "MatrixError",
     "Mirrors",
+    "UserPartition",
     "load_matrix",
     "parse_size",
 ]

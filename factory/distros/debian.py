@@ -340,7 +340,11 @@ def explain(tail: Iterable[str], arch: str) -> str | None:
 # look at the build host's devices, which is wrong in a chroot. The image keeps this
 # config, so its own kernel updates build the same initramfs.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "sr_mod", "nvme", "ahci")
-FS_MODULES = {"ext4": ("ext4", "crc32c_generic"), "xfs": ("xfs", "crc32c_generic")}
+FS_MODULES = {
+    "ext4": ("ext4", "crc32c_generic"),
+    "xfs": ("xfs", "crc32c_generic"),
+    "btrfs": ("btrfs", "crc32c_generic"),  # a btrfs root ([[image.partitions]])
+}
 INITRAMFS_CONF = Path("etc/initramfs-tools/conf.d/factory.conf")
 INITRAMFS_LIST = Path("etc/initramfs-tools/modules")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from factory import arches, proc, repro
 from factory.arches import Arch, BootMethod
-from factory.layouts import SECTOR, Layout
+from factory.layouts import GRUB_MODULES, SECTOR, Layout
 from factory.results import StageError
 
 I386_MODULES = ("biosdisk", "part_msdos", "part_gpt", "ext2", "search_fs_uuid", "normal")
@@ -30,7 +30,6 @@ PPC_MODULES = ("part_msdos", "ext2", "search_fs_uuid", "normal", "linux")
 BOOT_KERNEL_SECTOR = 0x5C
 DISKBOOT_BLOCKLIST_START = 0x1F4
 MBR_CODE = 440  # boot.img bytes that fit before the disk signature and partition table
-
 
 
 @dataclass(frozen=True)
@@ -53,15 +52,37 @@ class SignedEfi:
         )
 
 
-def early_cfg(uuid: str) -> str:
-    return f"search.fs_uuid {uuid} root\nset prefix=($root)/boot/grub\n"
+@dataclass(frozen=True)
+class BootFs:
+    """The filesystem grub reads its config, modules and the kernel from: /boot's own
+    partition (where they sit at its top), or root's."""
+
+    uuid: str
+    prefix: str  # grub's folder on it
+    module: str  # the grub module that reads it
+
+    @classmethod
+    def of(cls, layout: Layout, root_uuid: str) -> BootFs:
+        part = layout.boot_partition()
+        module = GRUB_MODULES[part.filesystem or "ext4"]
+        if part.mountpoint == "/boot" and part.uuid is not None:
+            return cls(part.uuid, "/grub", module)
+        return cls(root_uuid, "/boot/grub", module)
+
+    def modules(self, base: Sequence[str]) -> tuple[str, ...]:
+        """`base` (which reads ext2/3/4) reading this filesystem instead."""
+        return tuple(self.module if m == "ext2" else m for m in base)
 
 
-def esp_grub_cfg(uuid: str) -> str:
+def early_cfg(uuid: str, prefix: str = "/boot/grub") -> str:
+    return f"search.fs_uuid {uuid} root\nset prefix=($root){prefix}\n"
+
+
+def esp_grub_cfg(uuid: str, prefix: str = "/boot/grub") -> str:
     """What a distro's signed grub reads from its prefix (/EFI/VENDOR on the ESP)."""
     return (
         f"search --no-floppy --fs-uuid --set=root {uuid}\n"
-        "set prefix=($root)/boot/grub\n"
+        f"set prefix=($root){prefix}\n"
         "configfile $prefix/grub.cfg\n"
     )
 
@@ -90,13 +111,13 @@ def _write_at(disk: Path, offset: int, data: bytes) -> None:
 
 
 async def _mkimage(
-    tree: Path, platform: str, modules: Sequence[str], uuid: str, work: Path, out: Path
+    tree: Path, platform: str, modules: Sequence[str], boot: BootFs, work: Path, out: Path
 ) -> Path:
     moddir = tree / "usr/lib/grub" / platform
     if not moddir.is_dir():
         raise StageError(f"the tree has no grub modules for {platform} (/usr/lib/grub/{platform})")
     cfg = work / f"early-{platform}.cfg"
-    cfg.write_text(early_cfg(uuid))
+    cfg.write_text(early_cfg(boot.uuid, boot.prefix))
     await proc.run(
         [
             "grub-mkimage",
@@ -107,61 +128,59 @@ async def _mkimage(
             "-c",
             cfg,
             "-p",
-            "/boot/grub",
+            boot.prefix,
             "-o",
             out,
-            *modules,
+            *boot.modules(modules),
         ]
     )
     return out
 
 
 async def _core_img(
-    tree: Path, platform: str, modules: Sequence[str], uuid: str, work: Path
+    tree: Path, platform: str, modules: Sequence[str], boot: BootFs, work: Path
 ) -> bytes:
-    out = await _mkimage(tree, platform, modules, uuid, work, work / f"core-{platform}.img")
+    out = await _mkimage(tree, platform, modules, boot, work, work / f"core-{platform}.img")
     return out.read_bytes()
 
 
 async def install_bios_mbr(
-    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, platform: str = "i386-pc"
+    disk: Path, tree: Path, layout: Layout, boot: BootFs, work: Path, platform: str = "i386-pc"
 ) -> None:
     """BIOS on a dos label: boot.img's code in sector 0 (the partition table kept),
     core.img in the gap before the first partition; no sector numbers to patch."""
-    core = await _core_img(tree, platform, I386_MODULES, uuid, work)
+    core = await _core_img(tree, platform, I386_MODULES, boot, work)
     gap = layout.first_mib * 1024 * 1024 - SECTOR
     if len(core) > gap:
         raise StageError(f"core.img is {len(core)} bytes, the gap after the MBR only {gap}")
-    boot = (tree / "usr/lib/grub" / platform / "boot.img").read_bytes()
-    _write_at(disk, 0, boot[:MBR_CODE])
+    boot_img = (tree / "usr/lib/grub" / platform / "boot.img").read_bytes()
+    _write_at(disk, 0, boot_img[:MBR_CODE])
     _write_at(disk, SECTOR, core)
 
 
 async def install_gpt_bios(
-    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, platform: str = "i386-pc"
+    disk: Path, tree: Path, layout: Layout, boot: BootFs, work: Path, platform: str = "i386-pc"
 ) -> None:
     """BIOS on a GPT: core.img in the BIOS boot partition, boot.img's code in the
     protective MBR (its partition entry kept), both told where core.img lies."""
     start, size = layout.offsets(disk.stat().st_size)["bios"]
-    core = await _core_img(tree, platform, I386_MODULES, uuid, work)
+    core = await _core_img(tree, platform, I386_MODULES, boot, work)
     if len(core) > size:
         raise StageError(f"core.img is {len(core)} bytes, the BIOS boot partition only {size}")
-    boot = (tree / "usr/lib/grub" / platform / "boot.img").read_bytes()
-    boot, core = patch_gpt_bios(boot, core, start // SECTOR)
-    _write_at(disk, 0, boot)
+    boot_img = (tree / "usr/lib/grub" / platform / "boot.img").read_bytes()
+    boot_img, core = patch_gpt_bios(boot_img, core, start // SECTOR)
+    _write_at(disk, 0, boot_img)
     _write_at(disk, start, core)
 
 
-async def esp_files(
-    tree: Path, uuid: str, work: Path, arch: Arch, vendor: str
-) -> list[EspFile]:
+async def esp_files(tree: Path, boot: BootFs, work: Path, arch: Arch, vendor: str) -> list[EspFile]:
     """shim as the removable-media loader with the distro's signed grub beside it (its
     config is read from /EFI/VENDOR), or else an unsigned grub with an early config."""
     efi, signed = arch.efi, SignedEfi.of(arch)
     loader = f"EFI/BOOT/BOOT{efi.upper()}.EFI"
     if (tree / signed.shim).is_file() and (tree / signed.grub).is_file():
         cfg = work / "esp-grub.cfg"
-        cfg.write_text(esp_grub_cfg(uuid))
+        cfg.write_text(esp_grub_cfg(boot.uuid, boot.prefix))
         files = [
             EspFile(loader, tree / signed.shim),
             EspFile(f"EFI/BOOT/grub{efi}.efi", tree / signed.grub),
@@ -171,7 +190,7 @@ async def esp_files(
             files.append(EspFile(f"EFI/BOOT/mm{efi}.efi", tree / signed.mok_manager))
         return files
     platform = arch.grub["uefi"]
-    grub = await _mkimage(tree, platform, EFI_MODULES, uuid, work, work / f"grub{efi}.efi")
+    grub = await _mkimage(tree, platform, EFI_MODULES, boot, work, work / f"grub{efi}.efi")
     return [EspFile(loader, grub)]
 
 
@@ -227,7 +246,7 @@ async def install_uefi(
     disk: Path,
     tree: Path,
     layout: Layout,
-    uuid: str,
+    boot: BootFs,
     work: Path,
     *,
     arch: Arch,
@@ -237,16 +256,16 @@ async def install_uefi(
 ) -> None:
     """The ESP: a FAT with the EFI loaders, made in its byte range."""
     start, size = layout.offsets(disk.stat().st_size)["esp"]
-    files = await esp_files(tree, uuid, work, arch, vendor)
+    files = await esp_files(tree, boot, work, arch, vendor)
     await make_esp(disk, start, size, files, epoch=epoch, seed=seed)
 
 
 async def install_prep(
-    disk: Path, tree: Path, layout: Layout, uuid: str, work: Path, platform: str
+    disk: Path, tree: Path, layout: Layout, boot: BootFs, work: Path, platform: str
 ) -> None:
     """Open Firmware (SLOF) loads the ELF it finds in the PReP partition."""
     start, size = layout.offsets(disk.stat().st_size)["prep"]
-    core = await _core_img(tree, platform, PPC_MODULES, uuid, work)
+    core = await _core_img(tree, platform, PPC_MODULES, boot, work)
     if len(core) > size:
         raise StageError(f"core.elf is {len(core)} bytes, the PReP partition only {size}")
     _write_at(disk, start, core)
@@ -267,19 +286,21 @@ async def install(
 ) -> None:
     """The boot code of every boot method the disk has (a GPT disk may boot by BIOS and
     by UEFI); `epoch` and `seed` (the job's key) stand for the clock and the randomness of
-    the tools that would use them (only the ESP's do)."""
+    the tools that would use them (only the ESP's do). grub reads /boot from its own
+    partition where the layout has one."""
     a = arches.get(arch)
+    boot = BootFs.of(layout, uuid)
     for method in sorted(methods, key=arches.BOOT_METHODS.index):  # one order: one disk
         platform = a.grub[method]
         if method == "bios-mbr":
-            await install_bios_mbr(disk, tree, layout, uuid, work, platform)
+            await install_bios_mbr(disk, tree, layout, boot, work, platform)
         elif method == "bios-gpt":
-            await install_gpt_bios(disk, tree, layout, uuid, work, platform)
+            await install_gpt_bios(disk, tree, layout, boot, work, platform)
         elif method == "uefi":
             await install_uefi(
-                disk, tree, layout, uuid, work, arch=a, vendor=vendor, epoch=epoch, seed=seed
+                disk, tree, layout, boot, work, arch=a, vendor=vendor, epoch=epoch, seed=seed
             )
         elif method == "prep":
-            await install_prep(disk, tree, layout, uuid, work, platform)
+            await install_prep(disk, tree, layout, boot, work, platform)
         else:
             raise StageError(f"no boot code for boot method {method!r}")

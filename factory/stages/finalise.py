@@ -16,7 +16,7 @@ from pathlib import Path
 
 import anyio
 
-from factory import arches, distros, proc, repro, sizing
+from factory import arches, distros, layouts, proc, repro, sizing
 from factory.arches import BootMethod
 from factory.fsutil import write_if_changed
 from factory.results import Output, StageError
@@ -37,7 +37,8 @@ class Params(StageParams):
     arch: str
     boot: tuple[BootMethod, ...]  # of every disk the tree is for: their grub platforms
     root_uuid: str
-    filesystem: str
+    filesystem: str  # the root partition's
+    volumes: tuple[layouts.Volume, ...] = ()  # the user's partitions: fstab names them all
     image_name: str
     hooks: tuple[Hook, ...] = ()
     manifest: str  # where the package manifest goes under OUT
@@ -75,7 +76,9 @@ def newest_kernel(tree: Path) -> Kernel:
     return max(found, key=lambda k: _version_key(k.version))
 
 
-def grub_cfg(uuid: str, kernel: Kernel, arch: str, title: str) -> str:
+def grub_cfg(uuid: str, kernel: Kernel, arch: str, title: str, boot_uuid: str | None = None) -> str:
+    """The menu: the kernel and initrd are read from /boot's filesystem (`boot_uuid` when
+    /boot is a partition of its own, where they sit at its top), root= is the root's."""
     serial = (
         (
             "serial --unit=0 --speed=115200\nterminal_input console serial\n"
@@ -84,18 +87,53 @@ def grub_cfg(uuid: str, kernel: Kernel, arch: str, title: str) -> str:
         if arches.get(arch).grub_serial
         else ""
     )
+    boot = "" if boot_uuid else "/boot"
     return (
         f"{serial}set timeout=1\nset default=0\n"
         f"menuentry '{title}' {{\n"
-        f"\tsearch --no-floppy --fs-uuid --set=root {uuid}\n"
-        f"\tlinux /boot/{kernel.image} root=UUID={uuid} ro {arches.get(arch).console}\n"
-        f"\tinitrd /boot/initrd.img-{kernel.version}\n"
+        f"\tsearch --no-floppy --fs-uuid --set=root {boot_uuid or uuid}\n"
+        f"\tlinux {boot}/{kernel.image} root=UUID={uuid} ro {arches.get(arch).console}\n"
+        f"\tinitrd {boot}/initrd.img-{kernel.version}\n"
         "}\n"
     )
 
 
 def fstab(uuid: str, filesystem: str) -> str:
     return f"UUID={uuid} / {filesystem} errors=remount-ro 0 1\n"
+
+
+def _fstab_line(v: layouts.Volume) -> str:
+    """One partition's line, with what a user would expect: ext4 checked at boot (root
+    first, pass 1; others pass 2) and remounted read-only on errors; XFS and btrfs never
+    checked by fsck at boot (their fsck.* do nothing: pass 0); the FAT checked, private
+    to root; swap as swap; an empty (data) partition `nofail`, so a lost disk does not
+    stop the boot."""
+    if v.filesystem == "swap":
+        return f"UUID={v.uuid} none swap sw 0 0\n"
+    root = v.mountpoint == "/"
+    options = {
+        "ext4": "errors=remount-ro",
+        "xfs": "defaults",
+        "btrfs": "defaults",
+        "vfat": "umask=0077",
+    }[v.filesystem]
+    if v.empty:
+        options += ",nofail"
+    passno = (1 if root else 2) if v.filesystem in ("ext4", "vfat") else 0
+    return f"UUID={v.uuid} {v.mountpoint} {v.filesystem} {options} 0 {passno}\n"
+
+
+def fstab_of(volumes: Iterable[layouts.Volume]) -> str:
+    """fstab for the user's partitions, by UUID, parents before children; swap last."""
+    order = sorted(
+        volumes,
+        key=lambda v: (
+            v.mountpoint is None,
+            (v.mountpoint or "").count("/") if v.mountpoint != "/" else 0,
+            v.mountpoint or "",
+        ),
+    )
+    return "".join(_fstab_line(v) for v in order)
 
 
 def hook_scripts(hooks: Iterable[Hook], phase: str) -> list[Path]:
@@ -261,8 +299,17 @@ def _bootloader(tree: Path, p: Params) -> None:
                 shutil.copy2(f, dest / f.name)
     kernel = newest_kernel(tree)
     title = f"{p.family.capitalize()} {p.release} ({p.arch})"
-    (tree / "boot/grub/grub.cfg").write_text(grub_cfg(p.root_uuid, kernel, p.arch, title))
-    (tree / "etc/fstab").write_text(fstab(p.root_uuid, p.filesystem))
+    boot = next((v for v in p.volumes if v.mountpoint == "/boot"), None)
+    (tree / "boot/grub/grub.cfg").write_text(
+        grub_cfg(p.root_uuid, kernel, p.arch, title, boot.uuid if boot else None)
+    )
+    if not p.volumes:
+        (tree / "etc/fstab").write_text(fstab(p.root_uuid, p.filesystem))
+        return
+    (tree / "etc/fstab").write_text(fstab_of(p.volumes))
+    for v in p.volumes:  # each mount point is a folder of the filesystem above it
+        if v.mountpoint is not None:
+            (tree / v.mountpoint.lstrip("/")).mkdir(mode=0o755, parents=True, exist_ok=True)
 
 
 async def run(ctx: Context) -> Output:

@@ -9,11 +9,13 @@ import hashlib
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import anyio
 import pytest
 
+from factory import plan
 from factory.cache import Cache
 from factory.layouts import LAYOUTS
 from factory.plan import Job
@@ -122,3 +124,101 @@ async def test_two_builds_give_the_same_bytes(tmp_path: Path, layout: str) -> No
     assert set(first) == {"raw", *FORMATS}
     vmdk = (tmp_path / "out1" / ".work" / CELL / layout / "disk.vmdk").read_bytes()[:4096]
     assert f'SPARSE "{CELL}-{layout}.vmdk"'.encode() in vmdk
+
+
+# The user's partitions of every filesystem, small; the UUIDs as the plan would give them.
+VOLUMES = [
+    ("/boot", "ext4", 80), ("/", "ext4", None), ("/var", "btrfs", 200), (None, "swap", 16),
+    ("/srv", "vfat", 40), ("/opt", "xfs", 300),
+]  # fmt: skip
+
+
+async def build_partitions(
+    tree: Path, out: Path, loop: bool = False, said: list[str] | None = None
+) -> tuple[Path, list[dict[str, object]]]:
+    volumes = [
+        {
+            "mountpoint": point,
+            "filesystem": fs,
+            "size": size and size * 1024 * 1024,
+            "uuid": ROOT_UUID
+            if point == "/"
+            else plan.fs_uuid(fs, uuid.uuid5(uuid.NAMESPACE_URL, str(point))),
+        }
+        for point, fs, size in VOLUMES
+    ]
+    made = await assemble.run(
+        Context(
+            job(
+                "assemble",
+                f"assemble:{CELL}:gpt-efi",
+                "assemble-partitions-key",
+                family="debian",
+                arch="amd64",
+                layout=LAYOUTS["gpt-efi"].model_dump(mode="json"),
+                boot=list(LAYOUTS["gpt-efi"].boot_methods("amd64")),
+                size=None,
+                extra_size=128 * 1024 * 1024,
+                filesystem="ext4",
+                root_uuid=ROOT_UUID,
+                volumes=volumes,
+                epoch=EPOCH,
+            ),
+            {f"finalise:{CELL}": Output(tree)},
+            Workspace(out=out, cache=Cache(out / "cache"), cpus=2, loop=loop),
+            (said if said is not None else []).append,
+        )
+    )
+    assert made.path is not None
+    return made.path, made.info["partitions"]
+
+
+def part_digest(disk: Path, part: dict[str, object]) -> str:
+    with open(disk, "rb") as fh:
+        fh.seek(int(str(part["offset"])))
+        return hashlib.sha256(fh.read(int(str(part["size"])))).hexdigest()
+
+
+async def test_user_partitions_ext4_vfat_swap_and_the_table_give_the_same_bytes(
+    tmp_path: Path,
+) -> None:
+    """ext4, vfat and swap partitions and the partition table are the same twice; btrfs
+    and XFS are made too but stamp their own times and ids (README: Partitions)."""
+    tree = small_tree(tmp_path / "tree")
+    for folder in ("var/lib", "srv", "opt"):
+        (tree / folder).mkdir(parents=True, exist_ok=True)
+        (tree / folder / "f").write_text("x\n" * 100)
+    first, parts = await build_partitions(tree, tmp_path / "out1")
+    await anyio.sleep(2.1)
+    second, again = await build_partitions(tree, tmp_path / "out2")
+    assert parts == again
+    for p in parts:
+        if p["filesystem"] in ("ext4", "vfat", "swap"):
+            assert part_digest(first, p) == part_digest(second, p), p["mountpoint"]
+    head = int(str(parts[0]["offset"]))  # the GPT, the protective MBR and the boot code
+    assert part_digest(first, {"offset": 0, "size": head}) == part_digest(
+        second, {"offset": 0, "size": head}
+    )
+
+
+async def test_user_partitions_through_loop_devices(tmp_path: Path) -> None:
+    """--loop: ext4, btrfs and XFS made empty in their own files, mounted, filled by cp -a;
+    each says so, and blkid finds every filesystem with its planned UUID."""
+    tree = small_tree(tmp_path / "tree")
+    for folder in ("var/lib", "opt"):
+        (tree / folder).mkdir(parents=True)
+        (tree / folder / "f").write_text("x\n" * 100)
+    os.link(tree / "var/lib/f", tree / "var/lib/g")  # a hard link kept by cp -a
+    said: list[str] = []
+    disk, parts = await build_partitions(tree, tmp_path / "out", loop=True, said=said)
+    assert "/: ext4 filled through a loop device and a mount (--loop)" in said
+    assert "/var: btrfs filled through a loop device and a mount (--loop)" in said
+    why = "mkfs.xfs cannot fill a filesystem from a folder"
+    assert f"/opt: xfs filled through a loop device and a mount ({why})" in said
+    for p in parts:
+        probe = (
+            await anyio.run_process(
+                ["blkid", "-p", "-o", "export", "-O", str(p["offset"]), "-S", str(p["size"]), disk]
+            )
+        ).stdout.decode()
+        assert f"TYPE={p['filesystem']}" in probe and f"UUID={p['uuid']}" in probe, probe

@@ -15,6 +15,7 @@ from factory.results import StageError
 from factory.stages import boot, bootloader, finalise, rootfs
 
 UUID = "6d53d9fc-503d-5842-9fe5-2accc67a7fcc"
+BOOT = bootloader.BootFs(UUID, "/boot/grub", "ext2")
 AMD64 = arches.get("amd64")
 
 
@@ -41,7 +42,7 @@ async def test_esp_uses_shim_and_signed_grub_when_the_tree_has_them(tmp_path: Pa
     for rel in (signed.shim, signed.grub):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_bytes(b"MZ")
-    files = await bootloader.esp_files(tree, UUID, tmp_path, AMD64, "debian")
+    files = await bootloader.esp_files(tree, BOOT, tmp_path, AMD64, "debian")
     assert [f.dest for f in files] == [
         "EFI/BOOT/BOOTX64.EFI",
         "EFI/BOOT/grubx64.efi",
@@ -53,7 +54,7 @@ async def test_esp_uses_shim_and_signed_grub_when_the_tree_has_them(tmp_path: Pa
 
 async def test_esp_without_grub_modules_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="no grub modules for x86_64-efi"):
-        await bootloader.esp_files(tmp_path, UUID, tmp_path, AMD64, "debian")
+        await bootloader.esp_files(tmp_path, BOOT, tmp_path, AMD64, "debian")
 
 
 @pytest.mark.skipif(not shutil.which("mkfs.vfat") or not shutil.which("mdir"), reason="mtools")

@@ -86,7 +86,7 @@ def test_mkfs_args_put_every_extended_option_in_one_e() -> None:
     assert args.count("-E") == 1
     assert args[args.index("-E") + 1] == "offset=1048576,hash_seed=1-2-3"
     assert args[args.index("-U") + 1] == ROOT_UUID
-    empty = assemble.mkfs_args(None, "/dev/loop0p1", ROOT_UUID, 0, 64 * MiB, "1-2-3")
+    empty = assemble.mkfs_args(None, "/dev/loop0p1", ROOT_UUID, None, 64 * MiB, "1-2-3")
     assert empty[empty.index("-E") + 1] == "hash_seed=1-2-3" and "-d" not in empty
 
 
