@@ -88,11 +88,12 @@ def grub_cfg(uuid: str, kernel: Kernel, arch: str, title: str, boot_uuid: str | 
         else ""
     )
     boot = "" if boot_uuid else "/boot"
+    cmdline = " ".join((arches.get(arch).console, *arches.get(arch).kernel_args))
     return (
         f"{serial}set timeout=1\nset default=0\n"
         f"menuentry '{title}' {{\n"
         f"\tsearch --no-floppy --fs-uuid --set=root {boot_uuid or uuid}\n"
-        f"\tlinux {boot}/{kernel.image} root=UUID={uuid} ro {arches.get(arch).console}\n"
+        f"\tlinux {boot}/{kernel.image} root=UUID={uuid} ro {cmdline}\n"
         f"\tinitrd {boot}/initrd.img-{kernel.version}\n"
         "}\n"
     )

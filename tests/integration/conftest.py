@@ -31,14 +31,16 @@ OURS = ("qemu-system", "qemu-img", "mmdebstrap", "mksquashfs", "sshd", "apt-get"
 # two pytest-xdist workers, each taking whole modules in this order, and the longest
 # first leaves the least for one worker to finish alone. One not listed goes last.
 LONGEST_FIRST = (
+    "test_layouts",
     "test_amd64",
     "test_formats",
     "test_cli_options",
     "test_nightly",
     "test_repro",
     "test_remote",
+    "test_arm64",
     "test_uefi",
-    "test_layouts",
+    "test_partitions",
     "test_loop",
     "test_ppc64el",
     "test_reliability",
@@ -75,6 +77,14 @@ def alone(what: str) -> Iterator[None]:
     runs two workers): for tests that need, say, the loop devices to themselves."""
     with open(f"/tmp/factory-test-{what}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def loop_devices_alone() -> Iterator[None]:
+    """The loop devices to one module at a time: test_loop asserts which device a build
+    gets, and a --loop or XFS build in the other worker could take it first."""
+    with alone("loop"):
         yield
 
 

@@ -98,27 +98,11 @@ def test_docker_and_aci_name_the_arch(arm64: Build) -> None:
     assert {"name": "arch", "value": "aarch64"} in aci["labels"]
 
 
-def test_boots_by_uefi_to_login_arch_read_from_the_image(arm64: Build, tmp_path: Path) -> None:
-    """No --arch and no --firmware: `factory boot` reads arm64 from BOOTAA64.EFI and boots
-    it with AAVMF. The guest's console decides, not factory's word."""
-    log = tmp_path / "console.log"
-    result = factory(
-        "boot", arm64.artifact("raw"), "--timeout", "600", "--log", log, timeout=700
-    )
-    console = log.read_text(errors="replace") if log.exists() else ""
-    assert result.returncode == 0, result.stderr + console[-3000:]
-    assert "arm64, from its ESP's EFI loader" in result.stderr
-    (qemu,) = [line for line in console.splitlines() if line.startswith("$ qemu-system-")]
-    assert qemu.startswith("$ qemu-system-aarch64 -M virt -cpu max"), qemu
-    assert "/usr/share/AAVMF/AAVMF_CODE.fd" in qemu
-    assert "Debian GNU/Linux 12" in console
-    assert "ttyAMA0" in console
-    assert re.search(r"(?m)^\S+ login:\s*$", console), console[-2000:]
-
-
-def test_boots_with_secure_boot_on(arm64: Build, tmp_path: Path) -> None:
-    """shim (Microsoft-signed) → grub → kernel (Debian-signed) verify with AAVMF's
-    Microsoft keys enrolled and Secure Boot on."""
+def test_boots_with_secure_boot_on_arch_read_from_the_image(arm64: Build, tmp_path: Path) -> None:
+    """No --arch: `factory boot` reads arm64 from BOOTAA64.EFI and boots it on virt with
+    AAVMF, Microsoft's keys enrolled and Secure Boot on: shim (Microsoft-signed) → grub →
+    kernel (Debian-signed) verify. The guest's console decides, not factory's word. (The
+    same disk without Secure Boot is booted by test_layouts.)"""
     log = tmp_path / "console.log"
     result = factory(
         "boot",
@@ -133,6 +117,10 @@ def test_boots_with_secure_boot_on(arm64: Build, tmp_path: Path) -> None:
     )
     console = log.read_text(errors="replace") if log.exists() else ""
     assert result.returncode == 0, result.stderr + console[-3000:]
-    assert "AAVMF_CODE.ms.fd" in console
+    assert "arm64, from its ESP's EFI loader" in result.stderr
+    (qemu,) = [line for line in console.splitlines() if line.startswith("$ qemu-system-")]
+    assert qemu.startswith("$ qemu-system-aarch64 -M virt -cpu max"), qemu
+    assert "/usr/share/AAVMF/AAVMF_CODE.ms.fd" in qemu
     assert "secureboot: Secure boot enabled" in console
+    assert "Debian GNU/Linux 12" in console and "ttyAMA0" in console
     assert re.search(r"(?m)^\S+ login:\s*$", console), console[-2000:]

@@ -183,11 +183,11 @@ def test_boot_that_never_reaches_login_exits_1_with_the_console_tail(
     subprocess.run(["debugfs", "-w", "-f", "-", fs], input=commands, text=True, check=True)
     console = tmp_path / "console.log"
     result = factory(
-        "boot", disk, "--timeout", "75", "--log", console, "--cache", CACHE, timeout=300
+        "boot", disk, "--timeout", "150", "--log", console, "--cache", CACHE, timeout=300
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "login prompt after" not in result.stdout
-    assert f"boot: {disk.name}: no login prompt within 75 s" in result.stderr
+    assert f"boot: {disk.name}: no login prompt within 150 s" in result.stderr
     shown = [line[4:] for line in result.stderr.split("\n") if line.startswith("  | ")]
     logged = console.read_text(errors="replace").removesuffix("\n").split("\n")
     assert shown and shown == logged[-len(shown) :]

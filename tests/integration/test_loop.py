@@ -7,29 +7,24 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import factory
 from tests.integration import test_amd64 as default_path
-from tests.integration.conftest import CACHE, DATA, Build, alone, run_matrix
+from tests.integration.conftest import CACHE, DATA, Build, run_matrix
 from tests.integration.test_interrupt import Running, mounts_under
 
 LOOP = DATA / "loop.toml"
 CELL = "debian-bookworm-amd64"
 
 # The module build (trees cold: minutes) counts against the first test that uses it.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def loop_devices_alone() -> Iterator[None]:
-    """The loop devices to this module alone: one test asserts which device a build
-    gets, and another worker's --loop build could take it first."""
-    with alone("loop"):
-        yield
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1800),
+    pytest.mark.usefixtures("loop_devices_alone"),
+]
 
 
 def loops_on(folder: Path) -> list[str]:

@@ -14,7 +14,8 @@ from tests.integration.conftest import CACHE, DATA, Build
 from tests.integration.conftest_images import boots, built, partitions, sh
 
 # A session build (trees cold: minutes) counts against the first test that uses it.
-pytestmark = pytest.mark.timeout(1800)
+# XFS is filled through a loop device: see loop_devices_alone.
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.usefixtures("loop_devices_alone")]
 
 CELL = "debian-bookworm-amd64"
 MiB = 1024 * 1024

@@ -201,6 +201,7 @@ async def test_user_partitions_ext4_vfat_swap_and_the_table_give_the_same_bytes(
     )
 
 
+@pytest.mark.usefixtures("loop_devices_alone")
 async def test_user_partitions_through_loop_devices(tmp_path: Path) -> None:
     """--loop: ext4, btrfs and XFS made empty in their own files, mounted, filled by cp -a;
     each says so, and blkid finds every filesystem with its planned UUID."""

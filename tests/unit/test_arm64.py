@@ -56,7 +56,8 @@ async def test_esp_gets_aa64_shim_and_signed_grub(tmp_path: Path) -> None:
     for rel in (signed.shim, signed.grub, signed.mok_manager):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_bytes(b"MZ")
-    files = await bootloader.esp_files(tree, "u", tmp_path, ARM64, "debian")
+    root = bootloader.BootFs("u", "/boot/grub", "ext2")
+    files = await bootloader.esp_files(tree, root, tmp_path, ARM64, "debian")
     assert [f.dest for f in files] == [
         "EFI/BOOT/BOOTAA64.EFI",
         "EFI/BOOT/grubaa64.efi",

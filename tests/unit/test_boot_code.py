@@ -90,7 +90,7 @@ def test_grub_cfg_per_arch() -> None:
     assert "linux /boot/vmlinux-6.1 root=UUID=" in ppc and "console=hvc0" in ppc
     assert "initrd /boot/initrd.img-6.1" in ppc and "serial" not in ppc
     x86 = finalise.grub_cfg(UUID, finalise.Kernel("vmlinuz-6.1", "6.1"), "amd64", "t")
-    assert "console=ttyS0,115200" in x86 and "serial --unit=0" in x86
+    assert "console=ttyS0,115200 no_timer_check" in x86 and "serial --unit=0" in x86
 
 
 @pytest.mark.parametrize(
