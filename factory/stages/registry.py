@@ -1,8 +1,9 @@
 """Every stage by job kind, with the fingerprint of the code that runs it.
 
 A job's key covers its params, its recipe, its dependencies' keys and this fingerprint:
-the sha256 of its stage module's source and of every factory module that stage imports
-(a package imported whole counts with all its modules, e.g. the distro families). A
+the sha256 of its stage module's source and of every factory module that stage imports,
+and those its helper modules in factory.stages import in turn (a package imported whole
+counts with all its modules, e.g. the distro families). A
 changed finalise.py, debian.py or bootloader.py gives new keys, so an upgraded factory
 never reuses a tree its old code made. Modules only the controller uses (scheduler,
 runner, CLI) are not part of it: they do not change what a stage makes.
@@ -71,9 +72,8 @@ def _imports(module: ModuleType) -> set[str]:
 @functools.cache
 def fingerprint(kind: str) -> str:
     """sha256 of the code that runs jobs of `kind` (see the module's docstring)."""
-    names = sorted({get(kind).module, *_imports(importlib.import_module(get(kind).module))})
     h = hashlib.sha256()
-    for name in names:
+    for name in code_of(kind):
         path = Path(str(importlib.import_module(name).__file__))
         h.update(f"{name}\n".encode())
         h.update(path.read_bytes())
@@ -82,8 +82,13 @@ def fingerprint(kind: str) -> str:
 
 def code_of(kind: str) -> list[str]:
     """The modules whose source the fingerprint of `kind` covers."""
-    stage = get(kind)
-    return sorted({stage.module, *_imports(importlib.import_module(stage.module))})
+    names, todo = {get(kind).module}, [get(kind).module]
+    while todo:  # a stage's helpers in factory.stages are its code too: theirs count
+        for name in _imports(importlib.import_module(todo.pop())) - names:
+            names.add(name)
+            if name.startswith("factory.stages."):
+                todo.append(name)
+    return sorted(names)
 
 
 def validate(kind: str, params: Mapping[str, Any], job: str = "") -> None:
