@@ -17,11 +17,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from factory import distros, layouts, loopdev, proc, repro, sizing
+from factory import layouts, loopdev, proc, repro, sizing
 from factory.arches import BootMethod
 from factory.fsutil import aside
 from factory.results import Output, StageError
-from factory.stages import Context, Stage, StageParams, bootloader, partitions
+from factory.stages import Context, Stage, StageParams, diskfile, partitions
 from factory.stages.ext4 import clamp_script, clamp_times, hash_seed, mkfs_args, partition
 
 
@@ -79,13 +79,7 @@ async def run(ctx: Context) -> Output:
     disk = work / "disk.raw"
     tmp = aside(disk)
     try:
-        tmp.unlink(missing_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.truncate(size.disk)
-        await proc.run(
-            ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", tmp],
-            input=layout.sfdisk_script(size.disk, ctx.job.key).encode(),
-        )
+        await diskfile.blank(ctx, tmp, layout, size.disk)
         root_offset, root_size = layout.offsets(size.disk)["root"]
         fs = partition(tmp, root_offset)
         if ctx.ws.loop:
@@ -98,18 +92,9 @@ async def run(ctx: Context) -> Output:
             await clamp_times(fs, tree, p.epoch, work)
         # tune2fs stamps the superblock's write time with the clock unless told the epoch.
         await proc.run(["tune2fs", "-c", "0", "-i", "0", "-e", "remount-ro", fs], env=env)
-        ctx.emit("boot code")
-        await bootloader.install(
-            tmp, tree, layout, p.boot, p.root_uuid, work,
-            arch=p.arch, vendor=distros.get(p.family).efi_vendor, epoch=p.epoch,
-            seed=ctx.job.key,
-        )  # fmt: skip
+        await diskfile.boot_code(ctx, tmp, tree, layout, p, work)
         await proc.run(["e2fsck", "-fn", fs], env=env)
-        ctx.emit("trim")
-        allocated = tmp.stat().st_blocks * 512
-        # Where the filesystem of OUT cannot punch holes, the disk is only bigger.
-        await proc.run(["fallocate", "--dig-holes", tmp], check=False)
-        trimmed = allocated - tmp.stat().st_blocks * 512
+        trimmed = await diskfile.trim(ctx, tmp)
         os.replace(tmp, disk)
     finally:
         tmp.unlink(missing_ok=True)

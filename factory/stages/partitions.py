@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from factory import distros, fsutil, layouts, loopdev, proc, repro, sizing
+from factory import fsutil, layouts, loopdev, proc, repro, sizing
 from factory.fsutil import aside
 from factory.layouts import Partition
 from factory.results import Output, StageError
-from factory.stages import Context, bootloader, ext4
+from factory.stages import Context, diskfile, ext4
 
 if TYPE_CHECKING:
     from factory.stages.assemble import Params
@@ -248,13 +248,7 @@ async def run(ctx: Context, p: Params) -> Output:
     tmp = aside(disk)
     info: list[dict[str, object]] = []
     try:
-        tmp.unlink(missing_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.truncate(size.disk)
-        await proc.run(
-            ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", tmp],
-            input=layout.sfdisk_script(size.disk, ctx.job.key).encode(),
-        )
+        await diskfile.blank(ctx, tmp, layout, size.disk)
         spans = layout.spans(size.disk)
         for number, (part, span) in enumerate(zip(layout.partitions, spans, strict=True), 1):
             if part.uuid is None:  # the boot method's: made with the boot code
@@ -275,19 +269,11 @@ async def run(ctx: Context, p: Params) -> Output:
                     "size": span[1],
                 }
             )
-        ctx.emit("boot code")
-        await bootloader.install(
-            tmp, tree, layout, p.boot, p.root_uuid, work,
-            arch=p.arch, vendor=distros.get(p.family).efi_vendor, epoch=p.epoch,
-            seed=ctx.job.key,
-        )  # fmt: skip
+        await diskfile.boot_code(ctx, tmp, tree, layout, p, work)
         for part, (offset, _) in zip(layout.partitions, spans, strict=True):
             if part.uuid is not None:
                 await check(tmp, part, offset, p.epoch)
-        ctx.emit("trim")
-        allocated = tmp.stat().st_blocks * 512
-        await proc.run(["fallocate", "--dig-holes", tmp], check=False)
-        trimmed = allocated - tmp.stat().st_blocks * 512
+        trimmed = await diskfile.trim(ctx, tmp)
         os.replace(tmp, disk)
     finally:
         tmp.unlink(missing_ok=True)
