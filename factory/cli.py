@@ -19,7 +19,7 @@ from factory import archive as archives
 from factory import outstate, state
 from factory import plan as planning
 from factory.cache import DEFAULT_CACHE, Cache
-from factory.runner import EXIT_FAILED, EXIT_USAGE, Options, RunRefused, run_plan
+from factory.runner import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Options, RunRefused, run_plan
 from factory.scheduler import default_jobs
 from factory.spec import Matrix, MatrixError, load_matrix
 
@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(no_args_is_help=True, help="The tree cache.")
 app.add_typer(cache_app, name="cache")
+ci_app = typer.Typer(no_args_is_help=True, help="CI pipelines that build a matrix's cells apart.")
+app.add_typer(ci_app, name="ci")
 
 MatrixArg = Annotated[
     Path, typer.Argument(metavar="MATRIX", help="the matrix file (TOML)", show_default=False)
@@ -152,8 +154,23 @@ def run(
             "--loop", help="fill disks through a loop device and a mount (diskimage-builder's way)"
         ),
     ] = False,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(
+            metavar="VERSION/SHA256",
+            help="refuse to run unless factory and MATRIX are still these (set by factory ci)",
+        ),
+    ] = None,
 ) -> None:
     """Build every image of MATRIX."""
+    from factory import ci
+
+    try:  # a stale CI pipeline stops here, before the matrix is even read
+        digest = ci.matrix_digest(matrix) if matrix.is_file() else ""
+        if pipeline is not None:
+            ci.check_pipeline(matrix, pipeline)
+    except (ci.CiError, OSError) as exc:
+        raise fail_usage(str(exc)) from None
     m = _load(matrix)
     if boot_test:
         m = m.model_copy(update={"image": m.image.model_copy(update={"boot_test": True})})
@@ -168,6 +185,7 @@ def run(
         refresh=refresh,
         loop=loop,
         events=mode,
+        matrix_sha256=digest,
     )
     try:
         code = anyio.run(run_plan, m, p, opts)
@@ -316,6 +334,143 @@ def diff(
         raise fail_usage(str(exc)) from None
 
 
+TagOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tag",
+        metavar="ARCH=TAG[,TAG]",
+        help="runner tags (GitLab) or runs-on labels (GitHub) of ARCH's cells (else: ARCH)",
+    ),
+]
+SetupOpt = Annotated[
+    str,
+    typer.Option(
+        help="the shell command that installs factory on each runner (default: scripts/setup)",
+        show_default=False,
+    ),
+]
+RunArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--run-arg", metavar="ARG", help="an argument added to each cell's `factory run`"),
+]
+MergeTagOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--merge-tag",
+        metavar="TAG",
+        help="runner tag or label of the merge job (else: the first cell's)",
+    ),
+]
+OutputOpt = Annotated[
+    Path | None, typer.Option("--output", help="write it to FILE", show_default="stdout")
+]
+
+
+def _pipeline(
+    flavour: Literal["gitlab", "github"],
+    matrix: Path,
+    tag: list[str] | None,
+    setup: str,
+    run_arg: list[str] | None,
+    merge_tag: list[str] | None,
+    output: Path | None,
+) -> None:
+    from factory import ci
+    from factory.fsutil import atomic_write
+
+    m = _load(matrix)
+    try:
+        p = ci.Pipeline.of(
+            m,
+            matrix,
+            tags=ci.parse_tags(tag or []),
+            setup=setup,
+            run_args=run_arg or [],
+            merge_tags=merge_tag or [],
+        )
+    except ci.CiError as exc:
+        raise fail_usage(f"{matrix}: {exc}") from None
+    text = ci.gitlab(p) if flavour == "gitlab" else ci.github(p)
+    if output is None:
+        print(text, end="")
+        return
+    try:
+        atomic_write(output, text)
+    except OSError as exc:
+        raise fail_usage(f"{output}: --output: cannot write ({exc.strerror})") from None
+
+
+@ci_app.command("gitlab")
+def ci_gitlab(
+    matrix: MatrixArg,
+    tag: TagOpt = None,
+    setup: SetupOpt = "scripts/setup",
+    run_arg: RunArgOpt = None,
+    merge_tag: MergeTagOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Print a GitLab CI pipeline for MATRIX: a job per cell on runners tagged with its
+    arch, each uploading its output folder, then a merge job (factory merge).
+
+    Run it from the repository's root, with MATRIX as the jobs will name it. The
+    pipeline names factory's version and the matrix's sha256: its jobs refuse to run
+    when either changed, until the pipeline is made again."""
+    _pipeline("gitlab", matrix, tag, setup, run_arg, merge_tag, output)
+
+
+@ci_app.command("github")
+def ci_github(
+    matrix: MatrixArg,
+    tag: TagOpt = None,
+    setup: SetupOpt = "scripts/setup",
+    run_arg: RunArgOpt = None,
+    merge_tag: MergeTagOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Print a GitHub Actions workflow for MATRIX: a matrix strategy with a job per cell
+    on runners labelled with its arch, each uploading its output folder as an artifact,
+    then a merge job that downloads them all and runs factory merge.
+
+    As for gitlab, the workflow names factory's version and the matrix's sha256."""
+    _pipeline("github", matrix, tag, setup, run_arg, merge_tag, output)
+
+
+@app.command()
+def merge(
+    shards: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="SHARD...", help="the cell jobs' output folders", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="the merged output folder (new or empty)")
+    ] = None,
+) -> None:
+    """Merge the output folders of a pipeline's cell jobs into one: one report.json, one
+    SHA256SUMS (signed when the matrix asks for it), the SBOMs, logs and CHANGES.md.
+
+    Every listed file's sha256 is checked as it is taken; a corrupt or missing file, a
+    shard from another matrix digest or factory version, or a cell two shards built is
+    refused with one line, exit 2, and nothing is written. Exit 1 when a shard failed
+    (it is merged all the same)."""
+    from factory import merge as merging
+
+    if out is None:
+        raise fail_usage("merge: give --out FOLDER (new or empty) for the merged output")
+    try:
+        report = anyio.run(merging.merge, shards, out.absolute())
+    except merging.MergeRefused as exc:
+        raise fail_usage(str(exc)) from None
+    status = report["status"]
+    print(
+        f"merged {len(shards)} shards ({len(report['cells'])} cells, "
+        f"{len(report['artifacts'])} artifacts) into {out}: {status}",
+        file=sys.stderr,
+    )
+    raise typer.Exit(EXIT_OK if status == "built" else EXIT_FAILED)
+
+
 @app.command()
 def worker() -> None:
     """Run a sub-plan sent by a controller as JSON on stdin (over SSH); events on stdout."""
@@ -339,7 +494,7 @@ def _whole_sentences(*groups: typer.Typer) -> None:
                 info.help = reflow(info.callback.__doc__)
 
 
-_whole_sentences(app, cache_app)
+_whole_sentences(app, cache_app, ci_app)
 
 
 def main() -> None:

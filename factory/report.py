@@ -33,6 +33,7 @@ async def write(
     carried_jobs: Iterable[dict[str, Any]] = (),
     carried_artifacts: Iterable[dict[str, Any]] = (),
     cells: dict[str, Any] | None = None,
+    about: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """report.json and SHA256SUMS. Jobs an earlier run into OUT already did with the same
     key (`carried_*`, from its report) are listed as `unchanged`, with their artifacts."""
@@ -43,6 +44,7 @@ async def write(
     ]
     report: dict[str, Any] = {
         "matrix": matrix,
+        **(about or {}),  # what made the run: factory version, matrix digest, host
         "status": status,
         "started": started,
         "finished": finished,

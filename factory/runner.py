@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
-from factory import nightly, outstate, report, sign, state
+from factory import ci, nightly, outstate, report, sign, state
 from factory.cache import Cache, remove_tree
 from factory.events import Bus, Event, JsonSink, PlainSink
 from factory.executors.local import LocalExecutor
@@ -46,6 +46,7 @@ class Options:
     refresh: bool = False
     loop: bool = False
     events: str = "plain"  # rich | plain | json
+    matrix_sha256: str = ""  # of the bytes the run read; "" = hash matrix.path at the end
 
 
 def lock_dir() -> Path:
@@ -303,6 +304,7 @@ async def _record(
         carried_jobs=carried.jobs.values(),
         carried_artifacts=carried.artifacts,
         cells=cells,
+        about=ci.about(matrix, opts.matrix_sha256),
     )
     since = (previous or {}).get("finished")
     await nightly.write_changes(
