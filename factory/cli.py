@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.metadata
 import inspect
 import json
@@ -446,6 +447,10 @@ def merge(
     out: Annotated[
         Path | None, typer.Option(help="the merged output folder (new or empty)")
     ] = None,
+    matrix: Annotated[
+        Path | None,
+        typer.Option(help="the shards' matrix: they must come from it, and have all its cells"),
+    ] = None,
 ) -> None:
     """Merge the output folders of a pipeline's cell jobs into one: one report.json, one
     SHA256SUMS (signed when the matrix asks for it), the SBOMs, logs and CHANGES.md.
@@ -455,13 +460,22 @@ def merge(
     refused with one line, exit 2, and nothing is written. Exit 1 when a shard failed
     (it is merged all the same)."""
     from factory import merge as merging
+    from factory.ci import matrix_digest
 
     if out is None:
         raise fail_usage("merge: give --out FOLDER (new or empty) for the merged output")
+    expected = None
+    if matrix is not None:
+        m = _load(matrix)
+        expected = (matrix, matrix_digest(matrix), [c.id for c in m.cells()])
     try:
-        report = anyio.run(merging.merge, shards, out.absolute())
+        report = anyio.run(
+            functools.partial(merging.merge, shards, out.absolute(), matrix=expected)
+        )
     except merging.MergeRefused as exc:
         raise fail_usage(str(exc)) from None
+    for cell in report.get("missing", []):
+        print(f"merge: {cell}: no shard holds this cell of {matrix}", file=sys.stderr)
     status = report["status"]
     print(
         f"merged {len(shards)} shards ({len(report['cells'])} cells, "

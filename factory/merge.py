@@ -238,17 +238,44 @@ def _empty_or_absent(out: Path) -> None:
         raise MergeRefused(f"{out}: --out: not a folder")
 
 
+def expect(
+    report: dict[str, Any], shards: Sequence[Shard], matrix: Path, digest: str, cells: Sequence[str]
+) -> None:
+    """With the matrix at hand (`--matrix`): the shards must come from it, and a cell of
+    it that no shard holds (its job died before writing an OUT, or its artifact never
+    came) is listed as `missing` and fails the merge, instead of vanishing from it."""
+    for s in shards:
+        if s.report.get("matrix_sha256") != digest:
+            raise _refuse(
+                s.path,
+                REPORT,
+                f"matrix sha256 {str(s.report.get('matrix_sha256'))[:16]} is not "
+                f"{matrix}'s {digest[:16]} (the shard was built from another version of it)",
+            )
+    missing = [c for c in cells if c not in report["cells"]]
+    report["missing"] = missing
+    if missing and _rank(report["status"]) < RANK["failed"]:
+        report["status"] = "failed"
+
+
 async def merge(
-    paths: Sequence[Path], out: Path, *, gnupghome: Path | None = None
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    gnupghome: Path | None = None,
+    matrix: tuple[Path, str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Merge the shards at `paths` into `out` (absent or empty); returns the merged
-    report. MergeRefused (one line) before anything is in `out`."""
+    report. `matrix`: (its path, its digest, its cells), to check the shards against.
+    MergeRefused (one line) before anything is in `out`."""
     if not paths:
         raise MergeRefused("give at least one shard (a cell job's output folder)")
     _empty_or_absent(out)
     shards = [read_shard(p) for p in paths]
     check_shards(shards)
     report = merged_report(shards)
+    if matrix is not None:
+        expect(report, shards, *matrix)
     key = report.get("sign")
     if key:
         try:

@@ -248,3 +248,29 @@ def test_merged_sums_are_signed_as_a_run_signs_them(tmp_path: Path) -> None:
         assert (out / "SHA256SUMS").read_text().count("\n") == 2
     finally:
         stop_agent(home)
+
+
+def test_with_the_matrix_a_cell_without_shard_fails_the_merge(
+    shards: tuple[Path, Path], tmp_path: Path
+) -> None:
+    matrix = tmp_path / "two.toml"
+    matrix.write_text(
+        'name = "two"\narches = ["amd64", "arm64", "ppc64el"]\n'
+        'distros = ["debian/bookworm"]\nformats = ["tar"]\n'
+    )
+    digest = hashlib.sha256(matrix.read_bytes()).hexdigest()
+    out = tmp_path / "merged"
+    # The synthetic shards say another digest: refused, naming the shard and the matrix.
+    line = refused(*reversed(merge(*shards, "--matrix", matrix, "--out", out)), out)
+    assert line.startswith(f"{shards[0]}: report.json: matrix sha256 abababab")
+    assert f"is not {matrix}'s {digest[:16]}" in line
+    a = make_shard(tmp_path / "c", "debian-bookworm-amd64", digest=digest)
+    b = make_shard(tmp_path / "d", "debian-bookworm-ppc64el", digest=digest)
+    code, err = merge(a, b, "--matrix", matrix, "--out", out)
+    assert code == 1
+    assert (
+        err.splitlines()[0] == f"merge: debian-bookworm-arm64: no shard holds this cell of {matrix}"
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["missing"] == ["debian-bookworm-arm64"] and report["status"] == "failed"
+    assert sorted(report["cells"]) == ["debian-bookworm-amd64", "debian-bookworm-ppc64el"]
