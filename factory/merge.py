@@ -219,7 +219,8 @@ def _rank(status: str) -> int:
 
 def changes_md(report: Mapping[str, Any]) -> str:
     """CHANGES.md as one run of all the cells would write it: a section per cell that
-    records its changes (a cell not finalised has none, as in a run)."""
+    records its changes (a cell not finalised has none, as in a run). No "Since" line:
+    each shard's previous run was its own, at its own time."""
     per_cell = {
         cell: _changes_of(info.get("changes"))
         for cell, info in (report.get("cells") or {}).items()
