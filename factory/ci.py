@@ -30,7 +30,13 @@ from factory.spec import Matrix
 
 SHARDS = "shards"  # where each cell job writes its OUT: shards/CELL
 MERGED = "merged"  # the merge job's OUT
-DEFAULT_SETUP = "scripts/setup"
+# scripts/setup installs factory into .venv; the job's later commands find it on PATH
+# (a GitLab before_script shares the script's shell; a GitHub step does not, so the
+# folder goes into $GITHUB_PATH for the steps after it).
+DEFAULT_SETUP = {
+    "gitlab": 'scripts/setup && export PATH="$PWD/.venv/bin:$PATH"',
+    "github": 'scripts/setup && echo "$PWD/.venv/bin" >> "$GITHUB_PATH"',
+}
 
 
 class CiError(ValueError):
@@ -95,7 +101,7 @@ class Pipeline:
     digest: str
     cells: tuple[tuple[str, str], ...]  # (cell id, arch)
     tags: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    setup: str = DEFAULT_SETUP
+    setup: str = DEFAULT_SETUP["gitlab"]
     run_args: tuple[str, ...] = ()
     merge_tags: tuple[str, ...] = ()
     version: str = __version__
@@ -107,7 +113,7 @@ class Pipeline:
         path: Path,
         *,
         tags: Mapping[str, tuple[str, ...]] | None = None,
-        setup: str = DEFAULT_SETUP,
+        setup: str = DEFAULT_SETUP["gitlab"],
         run_args: Sequence[str] = (),
         merge_tags: Sequence[str] = (),
     ) -> Pipeline:

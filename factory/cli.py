@@ -344,9 +344,10 @@ TagOpt = Annotated[
     ),
 ]
 SetupOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="the shell command that installs factory on each runner (default: scripts/setup)",
+        help="the shell command that installs factory on each runner and puts it on PATH "
+        "(default: scripts/setup, then .venv/bin on PATH)",
         show_default=False,
     ),
 ]
@@ -371,7 +372,7 @@ def _pipeline(
     flavour: Literal["gitlab", "github"],
     matrix: Path,
     tag: list[str] | None,
-    setup: str,
+    setup: str | None,
     run_arg: list[str] | None,
     merge_tag: list[str] | None,
     output: Path | None,
@@ -385,7 +386,7 @@ def _pipeline(
             m,
             matrix,
             tags=ci.parse_tags(tag or []),
-            setup=setup,
+            setup=setup if setup is not None else ci.DEFAULT_SETUP[flavour],
             run_args=run_arg or [],
             merge_tags=merge_tag or [],
         )
@@ -405,7 +406,7 @@ def _pipeline(
 def ci_gitlab(
     matrix: MatrixArg,
     tag: TagOpt = None,
-    setup: SetupOpt = "scripts/setup",
+    setup: SetupOpt = None,
     run_arg: RunArgOpt = None,
     merge_tag: MergeTagOpt = None,
     output: OutputOpt = None,
@@ -423,7 +424,7 @@ def ci_gitlab(
 def ci_github(
     matrix: MatrixArg,
     tag: TagOpt = None,
-    setup: SetupOpt = "scripts/setup",
+    setup: SetupOpt = None,
     run_arg: RunArgOpt = None,
     merge_tag: MergeTagOpt = None,
     output: OutputOpt = None,

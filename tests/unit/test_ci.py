@@ -62,7 +62,7 @@ def test_gitlab_pipeline_has_a_tagged_job_per_cell_and_a_merge(matrix: Path) -> 
     }
     header = text.split("\n\n", 1)[0]
     assert f"factory {__version__}" in header and digest(matrix) in header
-    assert doc["default"]["before_script"] == ["scripts/setup"]
+    assert doc["default"]["before_script"] == [ci.DEFAULT_SETUP["gitlab"]]
     assert [k for k in doc if k.startswith("debian-")] == CELLS
     tags = {cell: doc[cell]["tags"] for cell in CELLS}
     assert tags == {
