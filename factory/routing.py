@@ -23,7 +23,7 @@ async def router(matrix: Matrix, local: LocalExecutor, plan: Plan) -> AsyncItera
     runs here. Connections are opened only when some cell of the plan needs a host.
     Upload jobs (publish targets) run here, where OUT is, in slots of their own."""
     hosts = matrix.hosts
-    needed = {job.arch for job in plan.jobs}
+    needed = {job.arch for job in plan.jobs if job.kind != "upload"}
     uploads = Uploads(local)
     if not any(set(h.arches) & needed for h in hosts):
         yield lambda job: uploads if job.kind == "upload" else local

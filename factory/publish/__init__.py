@@ -36,11 +36,12 @@ async def with_retries(
     retries: int,
     emit: Callable[[str], None],
     *,
-    backoff: float = BACKOFF,
+    backoff: float | None = None,
 ) -> T:
     """`attempt()` once, then up to `retries` times more after StageErrors, waiting
     backoff, 2 × backoff, … (capped, ±25 % jitter so that the targets of a run do not
     knock again all at once). The last error is raised with the number of attempts."""
+    first = BACKOFF if backoff is None else backoff
     for n in range(retries + 1):
         try:
             return await attempt()
@@ -51,7 +52,7 @@ async def with_retries(
                 if retries:
                     raise StageError(f"{exc} (after {retries + 1} attempts)") from exc
                 raise
-            delay = min(backoff * 2**n, MAX_BACKOFF) * random.uniform(0.75, 1.25)
+            delay = min(first * 2**n, MAX_BACKOFF) * random.uniform(0.75, 1.25)
             emit(f"attempt {n + 1} failed: {exc}; again in {delay:.0f} s")
             await anyio.sleep(delay)
     raise AssertionError("unreachable")

@@ -11,6 +11,7 @@ of SFTP opens and renames, and its files' inodes and mtimes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -205,8 +206,10 @@ def test_publish_then_a_noop_night_sends_nothing(tmp_path: Path, server: SftpSer
     dest = server.srv / "nightly"
     assert sha256sum_c(dest).count(": OK") == 2
     assert sha256sum_c(dest / CELL).count(": OK") == 2
+    epoch = first.report["cells"][CELL]["epoch"]
     for name in FILES:  # the same bytes as OUT, and the cell's clock as their mtime
         assert (dest / name).read_bytes() == (out / name).read_bytes()
+        assert (dest / name).stat().st_mtime == epoch
     assert not list(dest.rglob("*.factory-part"))
     lines = (out / "SHA256SUMS").read_text().splitlines()
     sums = {line.split()[1]: line.split()[0] for line in lines}
@@ -232,6 +235,21 @@ def test_publish_then_a_noop_night_sends_nothing(tmp_path: Path, server: SftpSer
     assert (info["sent"], sorted(info["skipped"]), info["sums"]) == ([], sorted(FILES), [])
     assert server.logins() == logins + 1
     assert (server.writes(), state(dest)) == (writes, before)
+
+    # A file touched on the server is no longer the one factory wrote: it is sent again,
+    # alone, and its line in the sums is taken out before it is replaced.
+    tar = dest / FILES[0]
+    os.utime(tar)
+    fourth = run_matrix(write_matrix(tmp_path, server, {"retries": 4}), out)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    info = upload(fourth)["info"]["upload"]
+    assert (info["sent"], info["skipped"]) == ([FILES[0]], [FILES[1]])
+    assert tar.stat().st_mtime == epoch and tar.stat().st_ino != before[FILES[0]][0]
+    assert sha256sum_c(dest).count(": OK") == 2
+    new = server.writes()[len(writes) :]
+    assert [w.split('"')[-2].rsplit("/", 1)[-1] for w in new if "posix-rename" in w] == [
+        "SHA256SUMS", f"{CELL}.tar", "SHA256SUMS"
+    ]  # fmt: skip
 
 
 def test_server_killed_mid_upload(tmp_path: Path, server: SftpServer) -> None:

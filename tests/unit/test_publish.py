@@ -4,21 +4,27 @@ what a night that only uploads runs, and the retries (factory.publish)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
-from factory import outstate
+from factory import outstate, publish
 from factory.events import Bus
+from factory.executors.local import LocalExecutor
 from factory.plan import Job, Plan, describe, make_plan
 from factory.publish import Refused, stage, with_retries
+from factory.publish.executor import Uploads
 from factory.publish.sftp import parse_sums, sums_text
 from factory.results import Output, StageError
+from factory.routing import router
 from factory.runner import Options, RunRefused, run_plan
 from factory.scheduler import Scheduler
 from factory.spec import MatrixError, check_credentials, load_matrix
+from factory.stages import Context, Workspace
 
 from .test_spec import error_of, write
 
@@ -412,3 +418,116 @@ def test_oci_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_date_tag() -> None:
     assert stage.date_tag(1764633600) == "20251202"
     assert stage.date_tag(1764633599) == "20251201"
+
+
+class StandIn:
+    """factory/publish/oci.py's contract, recorded: that module (skopeo, a registry) is
+    another branch's and cannot run here; what the framework hands it can be checked."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.calls: list[dict[str, object]] = []
+        self.failures = failures
+
+        @dataclasses.dataclass(frozen=True)
+        class OciAuth:
+            username: str
+            password: str
+
+        self.OciAuth = OciAuth
+
+    async def _push(self, kind: str, sources: object, refs: object, **kw: object) -> str:
+        workdir = kw["workdir"]
+        assert isinstance(workdir, Path) and workdir.is_dir()
+        self.calls.append({"kind": kind, "sources": list(sources), "refs": list(refs), **kw})  # type: ignore[call-overload]
+        if self.failures:
+            self.failures -= 1
+            raise StageError("manifest invalid")
+        return f"sha256:{kind}"
+
+    async def push_images(self, sources: object, refs: object, **kw: object) -> str:
+        return await self._push("image", sources, refs, **kw)
+
+    async def push_container_disks(self, sources: object, refs: object, **kw: object) -> str:
+        return await self._push("disk", sources, refs, **kw)
+
+
+def oci_job(tmp_path: Path) -> tuple[Job, Workspace]:
+    m = load_matrix(
+        write(
+            tmp_path,
+            "\n".join([*HEAD, "", "[image]", "epoch = 1764633600", *OCI, "tls_verify = false"])
+            + "\n",
+        )
+    )
+    job = uploads(make_plan(m))["upload:debian-bookworm:registry"]
+    out = tmp_path / "out"
+    for push in job.params["oci"]["pushes"]:
+        for f in push["files"]:
+            (out / f["name"]).parent.mkdir(parents=True, exist_ok=True)
+            (out / f["name"]).write_text(f["arch"])
+    return job, Workspace(out=out, cache=None)  # type: ignore[arg-type]
+
+
+async def test_the_oci_job_pushes_each_manifest_list_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    oci = StandIn(failures=1)
+    monkeypatch.setitem(sys.modules, "factory.publish.oci", oci)
+    monkeypatch.setattr(publish, "BACKOFF", 0.001)
+    job, ws = oci_job(tmp_path)
+    said: list[str] = []
+    done = await stage.run(Context(job, {}, ws, said.append))
+    disk, disk_again, image = oci.calls  # the first disk push failed and was tried again
+    assert disk == disk_again and "attempt 1 failed" in " ".join(said)
+    out = ws.out
+    assert disk["kind"] == "disk" and disk["epoch"] == 1764633600
+    assert disk["sources"] == [
+        ("amd64", out / "debian-bookworm-amd64/debian-bookworm-amd64.qcow2"),
+        ("ppc64el", out / "debian-bookworm-ppc64el/debian-bookworm-ppc64el.qcow2"),
+    ]
+    assert image["refs"] == [
+        "127.0.0.1:5000/factory/debian-bookworm:20251202",
+        "127.0.0.1:5000/factory/debian-bookworm:latest",
+    ]
+    assert (image["auth"], image["tls_verify"]) == (None, False)
+    assert not (ws.work).exists() or not list(ws.work.iterdir())  # workdirs removed
+    pushed = done.info["upload"]["pushed"]
+    assert pushed["127.0.0.1:5000/factory/debian-bookworm-disk:latest"] == "sha256:disk"
+    assert pushed["127.0.0.1:5000/factory/debian-bookworm:20251202"] == "sha256:image"
+
+
+async def test_a_failed_oci_push_says_which_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "factory.publish.oci", StandIn(failures=99))
+    monkeypatch.setattr(publish, "BACKOFF", 0.001)
+    job, ws = oci_job(tmp_path)
+    with pytest.raises(StageError) as caught:
+        await stage.run(Context(job, {}, ws, lambda _: None))
+    assert str(caught.value) == (
+        "publish target registry (127.0.0.1:5000/factory/debian-bookworm-disk:20251202): "
+        "manifest invalid (after 4 attempts)"
+    )
+
+
+async def test_uploads_run_here_in_slots_of_their_own(tmp_path: Path) -> None:
+    """Beside OUT, never on a build host, and without a connection to one when the run
+    only uploads."""
+    m = load_matrix(
+        write(
+            tmp_path,
+            "\n".join(
+                [*HEAD, *SFTP, "[[hosts]]", 'name = "h"', 'address = "192.0.2.1"',
+                 'arches = ["amd64", "ppc64el"]']
+            ) + "\n",
+        )
+    )  # fmt: skip
+    plan = make_plan(m)
+    only_uploads = plan.select(uploads(plan), given=[j.id for j in plan.jobs if j.kind != "upload"])
+    assert {j.kind for j in only_uploads.jobs} == {"upload"}
+    local = LocalExecutor(Workspace(out=tmp_path, cache=None), 2)  # type: ignore[arg-type]
+    async with router(m, local, only_uploads) as route:
+        executors = {route(j) for j in only_uploads.jobs}
+    (ex,) = executors
+    assert isinstance(ex, Uploads) and ex.host is None
+    assert ex.limiter(only_uploads.jobs[0]) is not local.cpu
