@@ -22,7 +22,9 @@ from typing import Any
 from factory.fsutil import atomic_write, sha256_file
 from factory.plan import Plan
 
-LEAVES = frozenset({"publish", "boot"})  # what a run is for; the other jobs feed them
+# What a run is for; the other jobs feed them. An upload (a publish target) is done when
+# its key, which covers its artifacts' keys, is the one OUT's report has as done.
+LEAVES = frozenset({"publish", "boot", "upload"})
 REUSABLE = frozenset({"done", "unchanged"})
 
 
@@ -134,4 +136,5 @@ def still_needed(plan: Plan, carried: Carried) -> Plan | None:
     if not any(j.kind in LEAVES for j in plan.jobs):
         return plan  # e.g. --only 'rootfs:*': nothing in OUT stands for those
     wanted = [j.id for j in plan.jobs if j.kind in LEAVES and j.id not in carried.jobs]
-    return plan.select(wanted) if wanted else None
+    # An upload whose artifacts OUT holds needs them, not their making again.
+    return plan.select(wanted, given=carried.jobs) if wanted else None

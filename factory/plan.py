@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict
 
 from factory import distros, formats, layouts
 from factory.archive import CellArchive
-from factory.spec import Cell, Matrix
+from factory.publish import stage as upload
+from factory.spec import Cell, Distro, Matrix, Publish
 from factory.stages import (
     StageParams,
     assemble,
@@ -32,8 +33,10 @@ from factory.stages import (
     rootfs,
 )
 
-Kind = Literal["rootfs", "finalise", "assemble", "convert", "pack", "publish", "boot"]
-KINDS: tuple[Kind, ...] = ("rootfs", "finalise", "assemble", "convert", "pack", "publish", "boot")
+Kind = Literal["rootfs", "finalise", "assemble", "convert", "pack", "publish", "boot", "upload"]
+KINDS: tuple[Kind, ...] = (
+    "rootfs", "finalise", "assemble", "convert", "pack", "publish", "boot", "upload"
+)  # fmt: skip
 
 # Parameters that say where an input lives, not what it is: left out of keys. A tree's
 # sources name mirrors; the archive state's digests say what they held.
@@ -73,16 +76,20 @@ class Plan(BaseModel):
         return {job.id: job for job in self.jobs}
 
     def cells(self) -> list[str]:
-        return list(dict.fromkeys(job.cell for job in self.jobs))
+        """The cells; an OCI upload job, one per distro, is none of them."""
+        return list(dict.fromkeys(job.cell for job in self.jobs if job.kind != "upload"))
 
-    def select(self, ids: Iterable[str]) -> Plan:
-        """The sub-plan of `ids` and everything they depend on, in plan order."""
+    def select(self, ids: Iterable[str], given: Iterable[str] = ()) -> Plan:
+        """The sub-plan of `ids` and everything they depend on, in plan order; without
+        the `given` jobs (done already: OUT holds their artifacts) and what only they need.
+        The scheduler takes a dependency outside its plan as done."""
         jobs = self.by_id()
+        done = set(given)
         keep: set[str] = set()
         stack = list(ids)
         while stack:
             jid = stack.pop()
-            if jid not in keep:
+            if jid not in keep and jid not in done:
                 keep.add(jid)
                 stack.extend(jobs[jid].deps)
         return Plan(matrix=self.matrix, jobs=tuple(j for j in self.jobs if j.id in keep))
@@ -140,9 +147,16 @@ class _Builder:
         self.keys: dict[str, str] = {}
 
     def add(
-        self, kind: Kind, cell: Cell, deps: Iterable[str], typed: StageParams, suffix: str = ""
+        self,
+        kind: Kind,
+        cell: Cell | tuple[str, str],
+        deps: Iterable[str],
+        typed: StageParams,
+        suffix: str = "",
     ) -> str:
-        jid = f"{kind}:{cell.id}" + (f":{suffix}" if suffix else "")
+        """A job of `cell` (or of a (name, arch) that is no one cell: an OCI upload)."""
+        cell_id, arch = (cell.id, cell.arch) if isinstance(cell, Cell) else cell
+        jid = f"{kind}:{cell_id}" + (f":{suffix}" if suffix else "")
         dep_ids = tuple(deps)
         params = typed.model_dump(mode="json")
         key = job_key(kind, params, (self.keys[d] for d in dep_ids))
@@ -150,8 +164,8 @@ class _Builder:
             Job(
                 id=jid,
                 kind=kind,
-                cell=cell.id,
-                arch=cell.arch,
+                cell=cell_id,
+                arch=arch,
                 deps=dep_ids,
                 key=key,
                 params=params,
@@ -362,17 +376,98 @@ def make_plan(matrix: Matrix, archive: Mapping[str, CellArchive] | None = None) 
     b = _Builder(matrix)
     for cell in matrix.cells():
         _cell_jobs(b, cell, hooks, (archive or {}).get(cell.id))
+    for target in matrix.publish:
+        _upload_jobs(b, target, archive or {})
     return Plan(matrix=matrix.name, jobs=tuple(b.jobs))
+
+
+def _upload_jobs(b: _Builder, target: Publish, archive: Mapping[str, CellArchive]) -> None:
+    """A target's jobs, after the publish jobs of the formats it takes: one per cell for
+    SFTP (the cell's files, its own sums), one per distro for OCI (one manifest list of
+    every arch; see factory/publish/stage.py for when an arch failed)."""
+    m = b.matrix
+    wanted = target.wanted(m.formats)
+    published = [j for j in b.jobs if j.kind == "publish" and j.params["format"] in wanted]
+    common = {"target": target.name, "kind": target.kind, "retries": target.retries}
+    if target.kind == "sftp":
+        assert target.address is not None and target.path is not None
+        where = upload.Sftp(
+            address=target.address,
+            port=target.port,
+            user=target.user,
+            folder=target.path.rstrip("/") or "/",
+            key=str(target.key) if target.key else None,
+            known_hosts=str(target.known_hosts),
+            trust_unknown_hosts=target.trust_unknown_hosts,
+            password_env=target.password_env,
+        )
+        for cell in m.cells():
+            mine = [j for j in published if j.cell == cell.id]
+            files = tuple(
+                upload.File(name=j.params["name"], format=j.params["format"], arch=cell.arch)
+                for j in mine
+            )
+            epoch = cell_epoch(m, archive.get(cell.id))
+            params = upload.Params(**common, epoch=epoch, sftp=where, files=files)
+            b.add("upload", cell, (j.id for j in mine), params, target.name)
+        return
+    assert target.registry is not None and target.repository is not None
+    for distro in m.distros:
+        cells = [c for c in m.cells() if c.distro == distro]
+        if not cells:
+            continue
+        epoch = max(cell_epoch(m, archive.get(c.id)) for c in cells)
+        pushes, deps = [], []
+        for fmt in wanted:
+            layouts = dict.fromkeys(
+                j.params["layout"] for j in published if j.params["format"] == fmt
+            )
+            for layout in layouts:
+                mine = [
+                    j for j in published
+                    if j.params["format"] == fmt and j.params["layout"] == layout
+                    and j.cell in {c.id for c in cells}
+                ]  # fmt: skip
+                refs = oci_refs(target, distro, fmt, layout, epoch)
+                files = tuple(
+                    upload.File(name=j.params["name"], format=fmt, arch=j.arch) for j in mine
+                )
+                pushes.append(upload.Push(format=fmt, refs=refs, files=files))
+                deps += [j.id for j in mine]
+        oci = upload.Oci(
+            registry=target.registry,
+            tls_verify=target.tls_verify,
+            username_env=target.username_env,
+            password_env=target.password_env,
+            authfile=str(target.authfile) if target.authfile else None,
+            pushes=tuple(pushes),
+        )
+        params = upload.Params(**common, epoch=epoch, oci=oci)
+        b.add("upload", (distro.id, ""), deps, params, target.name)
+
+
+def oci_refs(
+    target: Publish, distro: Distro, fmt: str, layout: str, epoch: int
+) -> tuple[str, ...]:
+    """REGISTRY/REPOSITORY/FAMILY-RELEASE[-disk[-LAYOUT]]:TAG for the date tag and latest:
+    the image (docker) under the distro's name, its KubeVirt containerDisk (qcow2) beside
+    it with -disk (and the layout's name when a cell has several disks)."""
+    name = f"{target.registry}/{target.repository}/{distro.id}"
+    if fmt != "docker":
+        name += "-disk" + (f"-{layout}" if layout else "")
+    return tuple(f"{name}:{tag}" for tag in (upload.date_tag(epoch), "latest"))
 
 
 def describe(plan: Plan) -> Iterator[str]:
     """The plan for people: jobs grouped by cell, each with what it waits for."""
     jobs = plan.jobs
-    yield f"plan {plan.matrix}: {len(jobs)} jobs in {len(plan.cells())} cells"
-    for cell in plan.cells():
+    cells = plan.cells()
+    yield f"plan {plan.matrix}: {len(jobs)} jobs in {len(cells)} cells"
+    groups = [*cells, *dict.fromkeys(j.cell for j in jobs if j.cell not in cells)]
+    for cell in groups:
         yield ""
-        yield cell
+        yield cell if cell in cells else f"{cell} (every arch)"
         for job in (j for j in jobs if j.cell == cell):
-            after = ", ".join(d.replace(f":{cell}", "") for d in job.deps)
+            after = ", ".join(d.replace(f":{cell}", "") if cell in cells else d for d in job.deps)
             tail = f"  ← {after}" if after else ""
             yield f"  {job.id.split(':', 1)[0]:<9} {job.id:<48} {job.key[:12]}{tail}"

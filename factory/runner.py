@@ -27,7 +27,7 @@ from factory.proc import CommandError
 from factory.results import StageError
 from factory.routing import router
 from factory.scheduler import JobRun, Scheduler
-from factory.spec import Matrix
+from factory.spec import Matrix, MatrixError, check_credentials
 from factory.stages import Workspace
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -146,6 +146,10 @@ async def run_plan(matrix: Matrix, plan: Plan, opts: Options) -> int:
 
 
 async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Stop) -> int:
+    try:  # the publish targets' credentials, before any work
+        check_credentials(matrix, {j.params["target"] for j in plan.jobs if j.kind == "upload"})
+    except MatrixError as exc:
+        raise RunRefused(str(exc)) from None
     try:
         opts.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -97,7 +97,7 @@ def ranks(plan: Plan) -> dict[str, float]:
     children: dict[str, list[str]] = {job.id: [] for job in plan.jobs}
     for job in plan.jobs:
         for dep in job.deps:
-            children[dep].append(job.id)
+            children.setdefault(dep, []).append(job.id)
     jobs = plan.by_id()
     rank: dict[str, float] = {}
 
@@ -163,9 +163,11 @@ class Scheduler:
     async def _job(self, run: JobRun) -> None:
         job = run.job
         try:
-            for dep in job.deps:
+            # A dependency outside the plan is done (OUT holds it: Plan.select's `given`).
+            deps = [d for d in job.deps if d in self.runs]
+            for dep in deps:
                 await self._finished[dep].wait()
-            failed = [self.runs[d] for d in job.deps if self.runs[d].status != "done"]
+            failed = [self.runs[d] for d in deps if self.runs[d].status != "done"]
             if failed:
                 # Name the job that really failed, not a skipped one between it and us.
                 cause = failed[0].error if failed[0].status == "skipped" else None
@@ -174,7 +176,7 @@ class Scheduler:
                 self._emit("skipped", run, run.error)
                 return
             executor = self.route(job)
-            inputs = {d: self.runs[d].output or Output() for d in job.deps}
+            inputs = {d: self.runs[d].output or Output() for d in deps}
             limiter = executor.limiter(job)
             gate = self._gates.setdefault(id(limiter), PriorityGate(limiter.total_tokens))
             await gate.acquire(self._rank[job.id])

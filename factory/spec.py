@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
 import tomllib
 import typing
@@ -712,6 +713,137 @@ class Host(_Model):
     cache: Annotated[str, AfterValidator(_remote_path)] = "/var/cache/factory"
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_REGISTRY = re.compile(rf"(?:{_HOSTNAME.pattern})(?::[0-9]{{1,5}})?")
+_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+# What an OCI target pushes: the docker archive as an image, a qcow2 as a KubeVirt
+# containerDisk (factory.publish.oci).
+OCI_FORMATS = ("docker", "qcow2")
+# Which keys belong to which kind of [[publish]] target (name, kind, retries, formats: all).
+PUBLISH_KEYS = {
+    "sftp": frozenset(
+        {"address", "port", "user", "path", "key", "known_hosts", "trust_unknown_hosts",
+         "password_env"}
+    ),
+    "oci": frozenset(
+        {"registry", "repository", "tls_verify", "username_env", "password_env", "authfile"}
+    ),
+}  # fmt: skip
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an environment variable name (letters, digits and '_', not "
+            'starting with a digit, e.g. "FACTORY_SFTP_PASSWORD"; the secret itself never goes '
+            "in the matrix)"
+        )
+    return value
+
+
+def _registry(value: str) -> str:
+    if "/" in value or not _REGISTRY.fullmatch(value):
+        raise ValueError(
+            f'{value!r} is not a registry (host[:port], e.g. "127.0.0.1:5000": no scheme, '
+            "no path; the path goes in repository)"
+        )
+    return value
+
+
+def _repository(value: str) -> str:
+    if len(value) > 200 or not _REPOSITORY.fullmatch(value):
+        raise ValueError(
+            f'{value!r} is not a repository (lowercase path components such as "factory" '
+            'or "images/nightly")'
+        )
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
+
+
+class Publish(_Model):
+    """A place a run sends its artifacts to after publishing them in OUT (factory.publish):
+    a download server over SFTP, or an OCI registry. Credentials are files or the names of
+    environment variables, never secrets; they are checked before any work
+    (`check_credentials`), not at load, so `factory plan` works without them."""
+
+    name: Annotated[str, AfterValidator(_safe_name)]
+    kind: Literal["sftp", "oci"]
+    retries: Annotated[StrictInt, Field(ge=0, le=20)] = 3
+    formats: (
+        Annotated[
+            tuple[Annotated[str, AfterValidator(_format)], ...],
+            AfterValidator(_listing("format", '["qcow2", "tar"]')),
+        ]
+        | None
+    ) = None
+    password_env: EnvName | None = None
+    # sftp: as [[hosts]]
+    address: Annotated[str, AfterValidator(_address)] | None = None
+    port: Annotated[StrictInt, Field(ge=1, le=65535)] = 22
+    user: Annotated[str, AfterValidator(_user)] = "root"
+    path: Annotated[str, AfterValidator(_remote_path)] | None = None
+    key: Annotated[Path, BeforeValidator(_key_path)] | None = None
+    known_hosts: Annotated[Path, BeforeValidator(_key_path)] = Field(
+        default_factory=_default_known_hosts
+    )
+    trust_unknown_hosts: StrictBool = False
+    # oci
+    registry: Annotated[str, AfterValidator(_registry)] | None = None
+    repository: Annotated[str, AfterValidator(_repository)] | None = None
+    tls_verify: StrictBool = True
+    username_env: EnvName | None = None
+    authfile: Annotated[Path, BeforeValidator(_key_path)] | None = None
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> Publish:
+        other = "oci" if self.kind == "sftp" else "sftp"
+        for key in sorted(PUBLISH_KEYS[other] - PUBLISH_KEYS[self.kind]):
+            if key in self.model_fields_set:
+                raise _Problem(
+                    f"{key} is for {other} targets, this one is kind = {self.kind!r} (remove "
+                    f"it; {self.kind} takes: {_one_of(sorted(PUBLISH_KEYS[self.kind]))})",
+                    key,
+                )
+        needed = ("address", "path") if self.kind == "sftp" else ("registry", "repository")
+        for key in needed:
+            if getattr(self, key) is None:
+                raise _Problem(f"a {self.kind} target needs {key} (add {key} = …)", key)
+        if self.kind == "sftp" and self.key is not None and self.password_env is not None:
+            raise _Problem(
+                "give key or password_env, not both (a key is preferred)", "password_env"
+            )
+        if self.kind == "oci":
+            if (self.username_env is None) != (self.password_env is None):
+                field = "password_env" if self.password_env is None else "username_env"
+                raise _Problem(
+                    f"username_env and password_env go together (add {field} = …, or use "
+                    "authfile)",
+                    field,
+                )
+            if self.authfile is not None and self.username_env is not None:
+                raise _Problem(
+                    "give authfile or username_env/password_env, not both", "authfile"
+                )
+            for i, fmt in enumerate(self.formats or ()):
+                if fmt not in OCI_FORMATS:
+                    raise _Problem(
+                        f"an oci target pushes {_one_of(OCI_FORMATS)}, not {fmt} (docker: the "
+                        "image; qcow2: a KubeVirt containerDisk)",
+                        "formats",
+                        i,
+                    )
+        return self
+
+    def wanted(self, built: typing.Iterable[str]) -> tuple[str, ...]:
+        """The formats this target sends of those the matrix builds."""
+        built = tuple(built)
+        if self.formats is not None:
+            return tuple(f for f in self.formats if f in built)
+        return tuple(f for f in built if self.kind == "sftp" or f in OCI_FORMATS)
+
+
 class Matrix(_Model):
     """A validated matrix file: which images to build, how, and where."""
 
@@ -731,6 +863,7 @@ class Matrix(_Model):
     sign: Sign | None = None
     hosts: tuple[Host, ...] = ()
     fallback: Literal["none", "local"] = "none"
+    publish: tuple[Publish, ...] = ()
 
     @field_validator("hosts")
     @classmethod
@@ -792,6 +925,7 @@ class Matrix(_Model):
                     *([i] if len(layouts) > 1 else []),
                 )
         self._partitions_fit(arches)
+        self._publish_fits()
         for arch in arches:
             if not self.layouts_for(arch):
                 raise _Problem(
@@ -830,6 +964,30 @@ class Matrix(_Model):
                             f"of {readable} for {boot.mountpoint})",
                             "image", "partitions", boot_i, "filesystem",
                         )  # fmt: skip
+
+    def _publish_fits(self) -> None:
+        """[[publish]] against the matrix: names unique, formats that the matrix builds."""
+        seen: set[str] = set()
+        for i, target in enumerate(self.publish):
+            if target.name in seen:
+                raise _Problem(
+                    f"two publish targets are named {target.name!r} (give each its own name)",
+                    "publish", i, "name",
+                )  # fmt: skip
+            seen.add(target.name)
+            for j, fmt in enumerate(target.formats or ()):
+                if fmt not in self.formats:
+                    raise _Problem(
+                        f"the matrix does not build {fmt} (add it to formats, or remove it "
+                        f"here; the matrix builds: {_one_of(self.formats)})",
+                        "publish", i, "formats", j,
+                    )  # fmt: skip
+            if not target.wanted(self.formats):
+                raise _Problem(
+                    f"the matrix builds none of the formats an {target.kind} target takes "
+                    f"({_one_of(OCI_FORMATS)}; add one to formats)",
+                    "publish", i, "kind",
+                )  # fmt: skip
 
     def cells(self) -> tuple[Cell, ...]:
         """Every (distro, arch) to build, distro-major in file order, minus the excludes."""
@@ -1126,6 +1284,46 @@ def _skip_value(text: str, pos: int) -> int:
     return pos
 
 
+def check_credentials(
+    matrix: Matrix, targets: typing.Iterable[str] | None = None,
+    environ: typing.Mapping[str, str] | None = None,
+) -> None:
+    """Before any work: every credential a target of `targets` (default: all) names is
+    there: its environment variables set, its key or auth file readable. A MatrixError
+    (one line, FILE:LINE: publish[i].field: problem (fix)) for the first that is not."""
+    env = os.environ if environ is None else environ
+    names = None if targets is None else set(targets)
+    try:
+        text = matrix.path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError):
+        text = ""
+    for i, target in enumerate(matrix.publish):
+        if names is not None and target.name not in names:
+            continue
+        for field in ("username_env", "password_env"):
+            var = getattr(target, field)
+            if var is not None and not env.get(var):
+                raise MatrixError(
+                    matrix.path, _line_of(text, ("publish", i, field)), f"publish[{i}].{field}",
+                    f"the environment variable {var} is not set (export {var}=… before the "
+                    f"run, e.g. from your CI's secret store)",
+                )  # fmt: skip
+        for field in ("key", "authfile"):
+            path = getattr(target, field)
+            if path is None:
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise MatrixError(
+                    matrix.path, _line_of(text, ("publish", i, field)), f"publish[{i}].{field}",
+                    f"{path}: {exc.strerror.lower() if exc.strerror else exc} (give a "
+                    f"readable {'private key' if field == 'key' else 'containers auth.json'} "
+                    "file)",
+                ) from None  # fmt: skip
+
+
 __all__ = [
     "FAMILIES",
     "Cell",
@@ -1136,7 +1334,9 @@ __all__ = [
     "Matrix",
     "MatrixError",
     "Mirrors",
+    "Publish",
     "UserPartition",
+    "check_credentials",
     "load_matrix",
     "parse_size",
 ]

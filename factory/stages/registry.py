@@ -24,10 +24,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from factory.publish import stage as upload
 from factory.stages import Stage, assemble, boot, convert, finalise, one_line, pack, publish, rootfs
 
 STAGES: dict[str, Stage] = {
-    m.STAGE.kind: m.STAGE for m in (rootfs, finalise, assemble, convert, pack, publish, boot)
+    m.STAGE.kind: m.STAGE
+    for m in (rootfs, finalise, assemble, convert, pack, publish, boot, upload)
 }
 
 
