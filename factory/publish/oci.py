@@ -277,11 +277,15 @@ def show(p: Mapping[str, str]) -> str:
     return "/".join(p[k] for k in ("os", "architecture", "variant") if p.get(k)) or "no platform"
 
 
+def token(auth: OciAuth) -> str:
+    """The auth file's form of a login: base64 of USER:PASSWORD."""
+    return base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
+
+
 def auth_file(path: Path, refs: Sequence[str], auth: OciAuth) -> Path:
     """containers-auth.json(5) for the refs' registries, created 0600 before a byte of it
     is written."""
-    token = base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
-    doc = {"auths": {registry(ref): {"auth": token} for ref in refs}}
+    doc = {"auths": {registry(ref): {"auth": token(auth)} for ref in refs}}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(canonical(doc))
@@ -339,8 +343,10 @@ class _Push:
     tls_verify: bool
 
     def _secret(self, text: str) -> str:
+        """`text` without the password, plain or as the auth file's token."""
         if self.auth and self.auth.password:
-            text = text.replace(self.auth.password, "***")
+            for secret in (token(self.auth), self.auth.password):
+                text = text.replace(secret, "***")
         return text
 
     async def skopeo(self, *args: str, what: str) -> None:
