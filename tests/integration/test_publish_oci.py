@@ -322,3 +322,84 @@ async def test_a_wrong_arch_is_refused(cells: Build, registry: str, tmp_path: Pa
         )  # fmt: skip
     with pytest.raises(subprocess.CalledProcessError):  # nothing was pushed
         raw(f"{registry}/factory/wrong:latest")
+
+
+PUBLISH = """
+[[publish]]
+name = "registry"
+kind = "oci"
+registry = "{registry}"
+repository = "nightly"
+tls_verify = false
+"""
+
+
+async def test_factory_run_publishes_to_the_registry(
+    cells: Build, registry: str, tmp_path: Path
+) -> None:
+    """`factory run` with an oci [[publish]] target, into the cells' own OUT: the cells
+    are carried (nothing is rebuilt) and the one upload job pushes both lists."""
+    matrix = cells.out.parent / "oci-publish.toml"
+    matrix.write_text(MATRIX + PUBLISH.format(registry=registry))
+    build = run_matrix(matrix, cells.out)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (upload,) = [j for j in build.report["jobs"] if j["kind"] == "upload"]
+    assert upload["status"] == "done"
+    pushed = upload["info"]["upload"]["pushed"]
+    assert sorted(j["id"] for j in build.report["jobs"] if j["status"] == "done") == [upload["id"]]
+    epoch = max(c["epoch"] for c in cells.report["cells"].values())
+    date = time.strftime("%Y%m%d", time.gmtime(epoch))
+    for name in ("debian-bookworm", "debian-bookworm-disk"):
+        refs = [f"{registry}/nightly/{name}:{tag}" for tag in (date, "latest")]
+        assert pushed[refs[0]] == pushed[refs[1]]
+        for ref in refs:
+            got, index = raw(ref)
+            assert got == pushed[ref]
+            assert platforms(index) == LIST_PLATFORMS
+    image = config_of(f"{registry}/nightly/debian-bookworm:latest", "ppc64le")
+    assert image["architecture"] == "ppc64le"
+    ref = f"{registry}/nightly/debian-bookworm-disk:{date}"
+    config, layer = pull_disk(ref, "amd64", tmp_path / "pulled")
+    assert config["architecture"] == "amd64"
+    assert [(m.name.rstrip("/"), m.uid, m.gid) for m in layer.members] == [
+        ("disk", 107, 107), ("disk/debian-bookworm-amd64.qcow2", 107, 107)
+    ]  # fmt: skip
+    await anyio.run_process(["qemu-img", "check", "-q", "-f", "qcow2", layer.disk])
+
+
+PRIVATE = """
+[[publish]]
+name = "private"
+kind = "oci"
+registry = "{registry}"
+repository = "private"
+tls_verify = false
+formats = ["qcow2"]
+username_env = "FACTORY_TEST_OCI_USER"
+password_env = "FACTORY_TEST_OCI_PASSWORD"
+"""
+
+
+def test_factory_run_logs_in_from_the_environment(
+    cells: Build, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry that wants a login, the login in the environment as the matrix names
+    it: the containerDisks get there, and the password is nowhere in OUT."""
+    password = "an0ther-s3cret-for-the-run"
+    users = htpasswd(tmp_path / "htpasswd", "nightly", password)
+    monkeypatch.setenv("FACTORY_TEST_OCI_USER", "nightly")
+    monkeypatch.setenv("FACTORY_TEST_OCI_PASSWORD", password)
+    with docker_registry(tmp_path / "registry", users) as address:
+        matrix = cells.out.parent / "oci-private.toml"
+        matrix.write_text(MATRIX + PRIVATE.format(registry=address))
+        build = run_matrix(matrix, cells.out)
+        assert build.returncode == 0, build.stderr[-3000:]
+        (upload,) = [j for j in build.report["jobs"] if j["kind"] == "upload"]
+        ref = f"{address}/private/debian-bookworm-disk:latest"
+        got, index = raw(ref, "--creds", f"nightly:{password}")
+        assert got == upload["info"]["upload"]["pushed"][ref]
+        assert platforms(index) == LIST_PLATFORMS
+    assert password not in build.stderr
+    for path in cells.out.rglob("*"):
+        if path.is_file() and path.stat().st_size < 1 << 20:
+            assert password.encode() not in path.read_bytes(), path
