@@ -824,7 +824,9 @@ class Publish(_Model):
                 )
             if self.authfile is not None and self.username_env is not None:
                 raise _Problem(
-                    "give authfile or username_env/password_env, not both", "authfile"
+                    "authfile and username_env/password_env are two ways to log in (give one, "
+                    "not both)",
+                    "authfile",
                 )
             for i, fmt in enumerate(self.formats or ()):
                 if fmt not in OCI_FORMATS:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import posixpath
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -155,6 +156,8 @@ async def _open(
             ) from None
         if isinstance(exc, TimeoutError):
             raise StageError(f"no answer in {CONNECT_TIMEOUT:.0f} s") from None
+        if isinstance(exc, OSError) and exc.errno:
+            raise StageError(f"cannot connect: {os.strerror(exc.errno)}") from None
         if isinstance(exc, OSError | asyncssh.Error):
             raise StageError(_one_line(exc)) from None
         raise
@@ -194,8 +197,9 @@ async def _write_text(sftp: asyncssh.SFTPClient, path: str, text: str, old: str 
         async with sftp.open(tmp, "wb") as fh:
             await fh.write(text.encode())
         await sftp.posix_rename(tmp, path)
-    finally:
+    except BaseException:
         await _forget(sftp, tmp)
+        raise
     return True
 
 
@@ -241,8 +245,9 @@ async def _send(
         if got != f.sha256:
             raise StageError(f"{f.name}: the server's copy has sha256 {got}, not {f.sha256}")
         await sftp.posix_rename(tmp, final)
-    finally:
+    except BaseException:
         await _forget(sftp, tmp)
+        raise
 
 
 async def _unchanged(
@@ -272,7 +277,8 @@ async def upload(
         async with session(server) as sftp:
             for sub, items in by_folder.items():
                 folder = posixpath.join(server.folder, sub) if sub else server.folder
-                await sftp.makedirs(folder, exist_ok=True)
+                if not await sftp.isdir(folder):
+                    await sftp.makedirs(folder, exist_ok=True)
                 await _clear_parts(sftp, folder)
                 sums_path = posixpath.join(folder, SUMS)
                 old_text = await _read_text(sftp, sums_path)
