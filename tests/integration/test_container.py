@@ -35,6 +35,7 @@ qcow2_compression = "zstd"
 debian = "host"
 """
 BASE_TAG = "localhost/factory-base:test"
+pytestmark = pytest.mark.slow
 SETUP_STEP = "RUN scripts/setup"
 
 Buildah = Callable[..., subprocess.CompletedProcess[str]]
