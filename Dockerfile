@@ -5,8 +5,11 @@
 # BASE is any Debian 12 image: a registry's, or one factory built (its docker format), e.g.
 #   docker load -i out/default/debian-bookworm-amd64/debian-bookworm-amd64.docker.tar
 #   docker build --build-arg BASE=default/debian:bookworm-amd64 -t factory .
-# What the container needs to build images (README, "More than one machine"): --privileged,
-# or at least CAP_SYS_ADMIN (mounts in the tree) and binfmt_misc for foreign arches.
+# What a run in it needs (measured with buildah; README, "More than one machine"): tree
+# formats and the default disk formats, CAP_SYS_ADMIN on top of Docker's default set
+# (`--cap-add SYS_ADMIN`: mmdebstrap's and finalise's mounts in the tree; the defaults
+# already have MKNOD and SYS_CHROOT); --loop and xfs partitions, loop devices too; foreign
+# arches, binfmt_misc, which factory mounts itself with CAP_SYS_ADMIN. --privileged: all.
 ARG BASE=debian:bookworm
 FROM $BASE
 WORKDIR /src
