@@ -19,10 +19,7 @@ COPY . /src
 RUN cd /etc/apt && if [ ! -e sources.list ] && [ ! -e sources.list.d/debian.sources ] \
       && [ -e sources.list.d/0000apt.sources ]; then \
       mv sources.list.d/0000apt.sources sources.list.d/debian.sources; fi
-# factory reads each suite's InRelease with curl, which scripts/setup does not list yet.
-RUN scripts/setup \
-    && apt-get install -y -q --no-install-recommends curl \
-    && rm -rf /var/lib/apt/lists/* /root/.cache
+RUN scripts/setup && rm -rf /var/lib/apt/lists/* /root/.cache
 ENV PATH=/src/.venv/bin:$PATH
 ENTRYPOINT ["factory", "run"]
 CMD ["matrix/default.toml"]

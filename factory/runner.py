@@ -178,6 +178,7 @@ async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Sto
             if todo is None:
                 verified.save()
                 return _unchanged(matrix, opts, previous or {}, carried, bus)
+            _check_privileges(matrix, todo)
             (opts.out / ".lock").unlink(missing_ok=True)  # where factory 0.1 locked OUT
             await remove_tree(opts.out / ".work")  # a killed run's intermediates
             with display:
@@ -186,6 +187,39 @@ async def _prepare_and_run(matrix: Matrix, plan: Plan, opts: Options, stop: _Sto
                 )
         finally:
             cache.release()  # the trees this run read may be replaced now
+
+
+# What a tree needs here: mounts of /proc, /sys and /dev in it, and its device nodes.
+TREE_CAPS = {21: "CAP_SYS_ADMIN", 27: "CAP_MKNOD"}
+
+
+def missing_caps(status: str) -> list[str]:
+    """The capabilities of TREE_CAPS that /proc/self/status's CapEff line lacks."""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+            return [name for bit, name in TREE_CAPS.items() if not effective >> bit & 1]
+    return []
+
+
+def _check_privileges(matrix: Matrix, todo: Plan) -> None:
+    """Refuse before any work when a tree is to be made here without the capabilities it
+    needs: in a container without them mmdebstrap "succeeds", leaving a /dev of regular
+    files, and that tree would be cached under its normal key."""
+    remote = {a for h in matrix.hosts for a in h.arches}
+    here = [j for j in todo.jobs if j.kind in ("rootfs", "finalise") and j.arch not in remote]
+    if not here:
+        return
+    try:
+        missing = missing_caps(Path("/proc/self/status").read_text(encoding="utf-8"))
+    except OSError:
+        return
+    if missing:
+        raise RunRefused(
+            f"factory: {here[0].id} needs {' and '.join(missing)}, which this process lacks "
+            "(for the tree's mounts and device nodes; in a container: --cap-add SYS_ADMIN "
+            "--cap-add MKNOD, or --privileged)"
+        )
 
 
 async def _check_sign_key(key: str, matrix: Matrix) -> None:

@@ -206,9 +206,11 @@ async def _in_chroot(ctx: Context, p: Params, family: distros.Family, tree: Path
 
 def _identity(tree: Path) -> None:
     """Things each VM must make its own, and what the build host left."""
-    (tree / "etc/machine-id").write_text("")
-    (tree / "etc/hostname").write_text("debian\n")
-    (tree / "etc/hosts").write_text(HOSTS)
+    # mmdebstrap copies these from the build host, mode and all (0755 on some hosts):
+    # set the mode too, so one input gives the same bytes on every build host.
+    for name, text in (("etc/machine-id", ""), ("etc/hostname", "debian\n"), ("etc/hosts", HOSTS)):
+        (tree / name).write_text(text)
+        (tree / name).chmod(0o644 if name != "etc/machine-id" else 0o444)
     for path in [
         tree / "var/lib/dbus/machine-id",
         tree / "etc/resolv.conf",

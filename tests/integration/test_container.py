@@ -145,3 +145,21 @@ def test_docker_format_is_the_dockerfile_base(
     assert ran.stdout.split("\n")[:4] == ["/src", "bookworm", "4242:4343:4750", "cleanup ran"], (
         ran.stdout
     )
+
+
+@pytest.mark.parametrize("cap", ["sys_admin", "mknod"])
+def test_a_tree_without_its_capabilities_is_refused(tmp_path: Path, cap: str) -> None:
+    """As in a container without --cap-add SYS_ADMIN (Docker's default set) or MKNOD: the
+    run stops before any work with one line naming what is missing, instead of caching a
+    tree whose /dev holds regular files. setpriv drops the capability from this root."""
+    proc = subprocess.run(
+        ["setpriv", f"--inh-caps=-{cap}", f"--bounding-set=-{cap}",
+         str(ROOT / ".venv/bin/factory"), "run", str(DATA / "amd64.toml"),
+         "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--events", "plain"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"needs CAP_{cap.upper()}" in lines[0], proc.stderr
+    assert "--cap-add SYS_ADMIN" in lines[0]
+    assert not any((tmp_path / "out").iterdir())
