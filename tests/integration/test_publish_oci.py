@@ -166,28 +166,6 @@ def config_of(ref: str, goarch: str) -> dict[str, Any]:
     return dict(json.loads(text))
 
 
-async def test_docker_images_are_one_multi_arch_list(
-    cells: Build, registry: str, tmp_path: Path
-) -> None:
-    refs = [
-        f"{registry}/factory/debian-bookworm:20261202",
-        f"{registry}/factory/debian-bookworm:latest",
-    ]
-    digest = await push_images(
-        artifacts(cells, "docker"), refs, auth=None, tls_verify=False, workdir=tmp_path / "work"
-    )
-    for ref in refs:
-        got, index = raw(ref)
-        assert got == digest, ref
-        assert index["mediaType"] in INDEX_TYPES
-        assert platforms(index) == LIST_PLATFORMS
-    for goarch in ("amd64", "ppc64le"):
-        config = config_of(refs[1], goarch)
-        assert (config["architecture"], config["os"]) == (goarch, "linux")
-        assert config["config"]["Cmd"] == ["/bin/bash"]
-    assert list((tmp_path / "work").iterdir()) == []  # the call's folder is gone
-
-
 @dataclass
 class Layer:
     members: list[tarfile.TarInfo]
