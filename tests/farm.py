@@ -12,7 +12,7 @@ The controller runs in a process of its own (so its CPU seconds and peak memory 
 own): `runner.run_plan` of a generated matrix (N releases x arches, tar only) whose
 `[[hosts]]` are the fake hosts, i.e. routing, placement, the SSH transport, the scheduler,
 publish, report.json, SBOMs, exactly as `factory run`. This process reads its events
-(`--events json`) and, once part of the cells are published, drops some hosts that are
+(`--events json`) and, once part of the jobs are done, drops some hosts that are
 running work: "closed" hosts have their connections cut, "hung" ones stop reading and
 answering (connection open; the controller's keepalive must notice). Then it checks OUT.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import hashlib
 import json
 import os
@@ -53,7 +54,9 @@ WORKDIR = "/work"  # the hosts' workdir, inside each host's SFTP chroot
 ARCHES = ("amd64", "arm64")
 # How long a fake worker takes per job kind, in seconds: the ideal wall is built from these.
 SECONDS = {"rootfs": 0.2, "finalise": 0.1, "pack": 0.1}
-KEEPALIVE = 1.0  # the controller's keepalive interval in the simulation (factory: 5 s)
+# The controller's keepalive interval for short simulations (the test): a hung host is lost
+# after about 4 intervals. None keeps factory's own (5 s), as scripts/bench does.
+KEEPALIVE = 1.0
 
 
 # --- the fake hosts --------------------------------------------------------------------------
@@ -72,6 +75,10 @@ class FakeHost:
     conns: set[asyncssh.SSHServerConnection] = field(default_factory=set)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     running: int = 0  # jobs between start and done right now
+    workers: int = 0  # worker sessions started
+    pending: int = 0  # jobs of live worker sessions not done yet
+    live: int = 0  # worker sessions alive now
+    peak: int = 0  # the most alive at once
     done: Counter[str] = field(default_factory=Counter)  # job id -> done events sent
     stalled: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -126,12 +133,16 @@ async def _worker(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> No
         process.stderr.write(f"unknown command {process.command!r}\n")
         process.exit(127)
         return
+    host.workers += 1
+    host.live += 1
+    host.peak = max(host.peak, host.live)
     task = asyncio.current_task()
     assert task is not None
     host.tasks.add(task)
     try:
         await _serve(host, process)
     finally:
+        host.live -= 1
         host.tasks.discard(task)
 
 
@@ -156,6 +167,7 @@ async def _serve(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> Non
     finished = {jid: asyncio.Event() for jid in jobs}
     for jid in req.auto:
         gates[jid].set()
+    host.pending += len(jobs)
     send(_event("run-start", matrix=req.plan.matrix, jobs=len(jobs)))
 
     async def run(jid: str) -> None:
@@ -195,6 +207,7 @@ async def _serve(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> Non
                     extents=((0, len(data)),),
                 ).model_dump(mode="json")
             host.done[jid] += 1
+            host.pending -= 1
             send(_event("done", job, seconds=round(time.monotonic() - t0, 3), info=info))
             finished[jid].set()
         finally:
@@ -223,6 +236,7 @@ async def _serve(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> Non
         if host.mode == "hung":
             await asyncio.Event().wait()  # answers nothing, until the simulation ends
     finally:
+        host.pending -= sum(not f.is_set() for f in finished.values())
         for t in (*tasks, end, reader, stalled):
             t.cancel()
         shutil.rmtree(folder, ignore_errors=True)
@@ -307,6 +321,14 @@ def matrix_of(config: dict[str, Any]) -> Any:
     )
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -322,7 +344,8 @@ def controller(config_path: Path) -> int:
     from factory.executors import ssh
     from factory.plan import make_plan
 
-    ssh.KEEPALIVE_INTERVAL = config["keepalive"]  # shortened: see KEEPALIVE
+    if config["keepalive"]:
+        ssh.KEEPALIVE_INTERVAL = config["keepalive"]  # shortened: see KEEPALIVE
     t0, cpu0 = time.monotonic(), time.process_time()
     matrix = matrix_of(config)
     plan = make_plan(matrix)
@@ -343,7 +366,13 @@ def controller(config_path: Path) -> int:
         out=Path(config["out"]), cache=Path(config["cache"]), jobs=2, events="json"
     )
     cpu1, t1 = time.process_time(), time.monotonic()
+    profile = cProfile.Profile() if config.get("profile") else None
+    if profile is not None:
+        profile.enable()
     code = anyio.run(runner.run_plan, matrix, plan, opts)
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(config["profile"])
     usage = resource.getrusage(resource.RUSAGE_SELF)
     figures = {
         "exit": code,
@@ -382,7 +411,8 @@ class Result:
     retries: list[dict[str, Any]]  # each job record's retries, with the job's own host
     problems: list[str]  # what is wrong, in words (empty: all is well)
     stderr: str
-    ideal: float  # the fake work's lower bound on the wall time
+    ideal: float
+    slots: int = 0  # the fake work's lower bound on the wall time
 
     @property
     def ok(self) -> bool:
@@ -396,18 +426,23 @@ async def simulate(
     *,
     slots: int = 2,
     drop_at: float = 0.3,
-    keepalive: float = KEEPALIVE,
+    keepalive: float | None = KEEPALIVE,
     modes: tuple[str, ...] = ("closed", "hung"),
     base: Path | None = None,
+    profile: Path | None = None,
+    keep: bool = False,
 ) -> Result:
     """Run the controller against `n_hosts` fake hosts building `cells` cells; when
-    `drop_at` of the cells are published, drop `drop` hosts that are running work (their
+    `drop_at` of the jobs are done, drop `drop` hosts that are running work (their
     mode taken in turn from `modes`). Returns what happened; nothing is asserted here."""
     tmp = Path(tempfile.mkdtemp(prefix="factory-farm-", dir=base))
     try:
-        return await _simulate(tmp, n_hosts, cells, drop, slots, drop_at, keepalive, modes)
+        return await _simulate(tmp, n_hosts, cells, drop, slots, drop_at, keepalive, modes, profile)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep:
+            print(f"farm: kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _simulate(
@@ -417,8 +452,9 @@ async def _simulate(
     drop: int,
     slots: int,
     drop_at: float,
-    keepalive: float,
+    keepalive: float | None,
     modes: tuple[str, ...],
+    profile: Path | None,
 ) -> Result:
     client = asyncssh.generate_private_key("ssh-ed25519")
     client_key = tmp / "id_ed25519"
@@ -437,6 +473,7 @@ async def _simulate(
             "out": str(out),
             "cache": str(tmp / "cache"),
             "figures": str(figures_path),
+            "profile": str(profile) if profile else None,
         }
         config_path = tmp / "config.json"
         config_path.write_text(json.dumps(config))
@@ -450,6 +487,8 @@ async def _simulate(
         dropped: dict[str, str] = {}
         started = time.monotonic()
         drop_after = 0.0
+        done = 0  # jobs done, of 4 per cell
+        cpu0, busy0 = time.process_time(), busy_seconds()
         async with await anyio.open_process(
             [python, "-m", "tests.farm", "--controller", str(config_path)],
             cwd=ROOT,
@@ -471,18 +510,41 @@ async def _simulate(
                     *lines, buf = buf.split(b"\n")
                     for line in lines:
                         event = json.loads(line)
-                        if event["kind"] == "done" and event["job_kind"] == "publish":
+                        if event["kind"] != "done":
+                            continue
+                        done += 1
+                        if event["job_kind"] == "publish":
                             published[event["job"]] += 1
-                            if not dropped and sum(published.values()) >= drop_at * cells:
-                                busy = sorted(farm, key=lambda h: -h.running)[:drop]
-                                for i, host in enumerate(busy):
-                                    dropped[host.name] = modes[i % len(modes)]
+                        if len(dropped) < drop and done >= drop_at * 4 * cells:
+                            # Hosts with a cell in progress, so that each drop loses work.
+                            for host in [h for h in farm if h.pending and h.mode == "up"]:
+                                if len(dropped) < drop:
+                                    dropped[host.name] = modes[len(dropped) % len(modes)]
                                     host.drop(dropped[host.name])
-                                drop_after = time.monotonic() - started
+                                    drop_after = time.monotonic() - started
             await proc.wait()
         stderr = b"".join(errors).decode(errors="replace")
+        servers_cpu = time.process_time() - cpu0
+        busy = busy_seconds() - busy0
     figures = json.loads(figures_path.read_text()) if figures_path.exists() else {}
-    return _check(out, figures, n_hosts, cells, dropped, drop_after, published, stderr, slots)
+    figures["workers"] = sum(h.workers for h in farm)
+    figures["servers_cpu"] = servers_cpu
+    figures["peak_sessions"] = max((h.peak for h in farm), default=0)
+    figures["others_cpu"] = max(0.0, busy - servers_cpu - figures.get("run_cpu", 0.0))
+    # Session folders left on hosts that stayed up (a dropped host's stay: the next worker
+    # there removes them).
+    left = [
+        str(p.relative_to(tmp))
+        for h in farm
+        if h.mode == "up"
+        for p in (h.root / WORKDIR.lstrip("/")).iterdir()
+    ]
+    result = _check(out, figures, n_hosts, cells, dropped, drop_after, published, stderr, slots)
+    if len(dropped) < drop:
+        result.problems.append(f"dropped {len(dropped)} hosts, not {drop}: none had work")
+    if left:
+        result.problems.append(f"session folders left on hosts that stayed up: {left[:3]}")
+    return result
 
 
 EXPECTED_PER_CELL = (".tar", ".tar.sha256", ".manifest.json", ".spdx.json")
@@ -560,7 +622,7 @@ def _check(
     ideal = max(per_cell, per_cell * cells / (n_hosts * slots))
     return Result(
         figures, n_hosts, dropped, drop_after, published, artifacts, expected, strays,
-        sums_ok, report, retries, problems, stderr, ideal,
+        sums_ok, report, retries, problems, stderr, ideal, slots,
     )  # fmt: skip
 
 
@@ -579,8 +641,13 @@ def describe(r: Result) -> list[str]:
         f"  controller CPU {f.get('run_cpu', 0):.1f} s: {1000 * f.get('run_cpu', 0) / jobs:.2f} "
         f"ms per job; scheduling alone (without the report) {1000 * sched_cpu / jobs:.2f} "
         f"ms per job; planning {f.get('plan_cpu', 0):.1f} s",
+        f"  the hosts' process ({r.hosts} SSH servers and fake workers) CPU "
+        f"{f.get('servers_cpu', 0):.1f} s; other processes on the machine meanwhile "
+        f"{f.get('others_cpu', 0):.1f} CPU s",
         f"  controller peak RSS {f.get('peak_rss_mib', 0):.0f} MiB (after imports and "
         f"planning {f.get('base_rss_mib', 0):.0f} MiB)",
+        f"  worker sessions {f.get('workers')} for {f.get('cells')} cells; at most "
+        f"{f.get('peak_sessions')} alive at once on one host ({r.slots} slots)",
         f"  OUT: {len(r.artifacts)} artifacts for {len(r.expected)} cells, "
         f"{sum(r.published.values())} publish done events, SHA256SUMS "
         f"{'checks' if r.sums_ok else 'WRONG'}, strays {len(r.strays)}",
@@ -596,11 +663,26 @@ def main() -> int:
     parser.add_argument("--cells", type=int, default=500)
     parser.add_argument("--drop", type=int, default=5)
     parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument(
+        "--keepalive", type=float, help="the controller's keepalive interval (default factory's)"
+    )
+    parser.add_argument("--profile", type=Path, help="cProfile the controller into this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--controller", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.controller:
         return controller(opts.controller)
-    result = anyio.run(lambda: simulate(opts.hosts, opts.cells, opts.drop, slots=opts.slots))
+    result = anyio.run(
+        lambda: simulate(
+            opts.hosts,
+            opts.cells,
+            opts.drop,
+            slots=opts.slots,
+            keepalive=opts.keepalive,
+            profile=opts.profile and opts.profile.resolve(),
+            keep=opts.keep,
+        )
+    )
     print("\n".join(describe(result)))
     return 0 if result.ok else 1
 
