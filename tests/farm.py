@@ -592,7 +592,8 @@ def _check(
             digest, _, path = line.partition("  ")
             sums[path] = digest
     sums_ok = sorted(sums) == expected and all(
-        hashlib.sha256((out / p).read_bytes()).hexdigest() == d for p, d in sums.items()
+        (out / p).is_file() and hashlib.sha256((out / p).read_bytes()).hexdigest() == d
+        for p, d in sums.items()
     )
     if not sums_ok:
         problems.append("SHA256SUMS does not list exactly the artifacts with their sha256")
@@ -666,6 +667,7 @@ def main() -> int:
     parser.add_argument(
         "--keepalive", type=float, help="the controller's keepalive interval (default factory's)"
     )
+    parser.add_argument("--json", type=Path, help="the figures and problems into this file too")
     parser.add_argument("--profile", type=Path, help="cProfile the controller into this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--controller", type=Path, help=argparse.SUPPRESS)
@@ -684,6 +686,15 @@ def main() -> int:
         )
     )
     print("\n".join(describe(result)))
+    if opts.json:
+        data = {
+            **result.figures,
+            "problems": result.problems,
+            "dropped": result.dropped,
+            "retries": len(result.retries),
+            "ideal": result.ideal,
+        }
+        opts.json.write_text(json.dumps(data, indent=1))
     return 0 if result.ok else 1
 
 
