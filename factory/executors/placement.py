@@ -523,6 +523,13 @@ class Placed:
         self.held = self.cell.limiter()
         return self.held
 
+    def cell_started(self, job: Job) -> bool:
+        """A host's slots go to the cells it has started before new ones: by rank alone
+        every cell's rootfs would run before any finalise, and a host with 2 slots and 10
+        cells kept 10 workers and their session folders alive at once, its first artifact
+        coming only at the end (tests/farm.py)."""
+        return self.cell.session is not None and self.cell.session.alive
+
     async def run(
         self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
     ) -> Output:
