@@ -296,6 +296,8 @@ def matrix_of(config: dict[str, Any]) -> Any:
     exclude = [{"distro": f"debian/{r}", "arch": a} for r, a in extra if (r, a) not in cells]
     return Matrix.model_validate(
         {
+            # A file that exists: the report names the matrix's digest (of this config).
+            "path": config["config"],
             "name": "farm",
             "arches": list(ARCHES),
             "distros": [f"debian/r{i:03d}" for i in range(releases)],
@@ -473,6 +475,7 @@ async def _simulate(
             "out": str(out),
             "cache": str(tmp / "cache"),
             "figures": str(figures_path),
+            "config": str(tmp / "config.json"),
             "profile": str(profile) if profile else None,
         }
         config_path = tmp / "config.json"
