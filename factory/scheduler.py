@@ -44,7 +44,9 @@ class JobRun:
 
 
 class Executor(Protocol):
-    """Where jobs run. `host` is None for this machine."""
+    """Where jobs run. `host` is None for this machine. An executor may also have
+    `cell_started(job) -> bool`: a job whose answer is True goes before every job of its limiter
+    whose answer is False (the critical-path rank orders each group); see `Placed`."""
 
     host: str | None
 
@@ -56,6 +58,8 @@ class Executor(Protocol):
 
 
 Router = Callable[[Job], Executor]
+
+STARTED_FIRST = 1e12  # above any rank: costs are seconds
 
 
 class PriorityGate:
@@ -179,7 +183,9 @@ class Scheduler:
             inputs = {d: self.runs[d].output or Output() for d in deps}
             limiter = executor.limiter(job)
             gate = self._gates.setdefault(id(limiter), PriorityGate(limiter.total_tokens))
-            await gate.acquire(self._rank[job.id])
+            cell_started = getattr(executor, "cell_started", None)
+            first = STARTED_FIRST if cell_started is not None and cell_started(job) else 0.0
+            await gate.acquire(self._rank[job.id] + first)
             try:
                 async with limiter:
                     await self._execute(run, executor, inputs)

@@ -445,9 +445,14 @@ class Farm:
         self.cells: dict[str, CellRun] = {}
         self.sessions: list[Session] = []
         self.tg: TaskGroup | None = None
+        self._arches = {a for r in self.remotes for a in r.host.arches}
+        # Each cell's jobs, found once: a farm has hundreds of cells, a cell a few jobs.
+        self.jobs_of: dict[str, list[Job]] = {}
+        for job in plan.jobs:
+            self.jobs_of.setdefault(job.cell, []).append(job)
 
     def arches(self) -> set[str]:
-        return {a for r in self.remotes for a in r.host.arches}
+        return self._arches
 
     def remotes_for(self, arch: str) -> list[Remote]:
         return [r for r in self.remotes if arch in r.host.arches]
@@ -470,7 +475,7 @@ class Farm:
 
     def route(self, job: Job) -> Executor:
         """The executor of a job: here, unless hosts take its arch."""
-        if job.arch not in self.arches():
+        if job.arch not in self._arches:
             return self.local
         cell = self.cells.get(job.cell)
         if cell is None:
@@ -518,6 +523,13 @@ class Placed:
         self.held = self.cell.limiter()
         return self.held
 
+    def cell_started(self, job: Job) -> bool:
+        """A host's slots go to the cells it has started before new ones: by rank alone
+        every cell's rootfs would run before any finalise, and a host with 2 slots and 10
+        cells kept 10 workers and their session folders alive at once, its first artifact
+        coming only at the end (tests/farm.py)."""
+        return self.cell.session is not None and self.cell.session.alive
+
     async def run(
         self, job: Job, inputs: Mapping[str, Output], emit: Callable[[str], None]
     ) -> Output:
@@ -554,7 +566,8 @@ class CellRun:
         self.farm = farm
         self.id = cell
         self.arch = arch
-        self.jobs = [j for j in farm.plan.jobs if j.cell == cell]
+        self.jobs = farm.jobs_of.get(cell, [])
+        self.plan = Plan(matrix=farm.plan.matrix, jobs=tuple(self.jobs))  # sub-plans come from it
         self.publish_deps = {j.deps[0] for j in self.jobs if j.kind == "publish"}
         self.finished: dict[str, bool] = {}  # job id -> done (True) or failed (False)
         self.remote: Remote | None = None
@@ -605,7 +618,7 @@ class CellRun:
         else:
             ids = [j.id for j in open_ if j.kind != "publish"]
             ids += [j.deps[0] for j in open_ if j.kind == "publish"]
-        plan = self.farm.plan.select(ids)
+        plan = self.plan.select(ids)
         auto = [j.id for j in plan.jobs if self.finished.get(j.id)]
         return plan, auto
 
