@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib
 import json
 import os
 import time
@@ -183,8 +182,7 @@ def oci_auth(o: Oci, target: str) -> tuple[str, str] | None:
 async def _oci(ctx: Context, p: Params) -> dict[str, Any]:
     o = p.oci
     assert o is not None
-    # factory/publish/oci.py is its own module (skopeo, the manifest lists, containerDisks).
-    oci = importlib.import_module("factory.publish.oci")
+    from factory.publish import oci  # skopeo, the manifest lists: only when needed
     creds = oci_auth(o, p.target)
     auth = oci.OciAuth(username=creds[0], password=creds[1]) if creds else None
     pushed: dict[str, str] = {}

@@ -85,10 +85,11 @@ def fingerprint(kind: str) -> str:
 def code_of(kind: str) -> list[str]:
     """The modules whose source the fingerprint of `kind` covers."""
     names, todo = {get(kind).module}, [get(kind).module]
-    while todo:  # a stage's helpers in factory.stages are its code too: theirs count
+    while todo:  # a stage's helpers in factory.stages (and the publish targets' modules
+        # in factory.publish) are its code too: theirs count
         for name in _imports(importlib.import_module(todo.pop())) - names:
             names.add(name)
-            if name.startswith("factory.stages."):
+            if name.startswith(("factory.stages.", "factory.publish.")):
                 todo.append(name)
     return sorted(names)
 

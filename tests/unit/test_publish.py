@@ -531,3 +531,12 @@ async def test_uploads_run_here_in_slots_of_their_own(tmp_path: Path) -> None:
     (ex,) = executors
     assert isinstance(ex, Uploads) and ex.host is None
     assert ex.limiter(only_uploads.jobs[0]) is not local.cpu
+
+
+def test_the_targets_modules_are_in_the_upload_keys_code() -> None:
+    """A change to how a target pushes must change the upload jobs' keys, so the next
+    night pushes again: both targets' modules are in the upload stage's fingerprint."""
+    from factory.stages import registry
+
+    code = registry.code_of("upload")
+    assert {"factory.publish.oci", "factory.publish.sftp", "factory.publish.stage"} <= set(code)
