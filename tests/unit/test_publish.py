@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+import factory.publish
 from factory import outstate, publish
 from factory.events import Bus
 from factory.executors.local import LocalExecutor
@@ -473,6 +474,7 @@ async def test_the_oci_job_pushes_each_manifest_list_once(
 ) -> None:
     oci = StandIn(failures=1)
     monkeypatch.setitem(sys.modules, "factory.publish.oci", oci)
+    monkeypatch.setattr(factory.publish, "oci", sys.modules["factory.publish.oci"], raising=False)
     monkeypatch.setattr(publish, "BACKOFF", 0.001)
     job, ws = oci_job(tmp_path)
     said: list[str] = []
@@ -500,6 +502,7 @@ async def test_a_failed_oci_push_says_which_target(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "factory.publish.oci", StandIn(failures=99))
+    monkeypatch.setattr(factory.publish, "oci", sys.modules["factory.publish.oci"], raising=False)
     monkeypatch.setattr(publish, "BACKOFF", 0.001)
     job, ws = oci_job(tmp_path)
     with pytest.raises(StageError) as caught:
