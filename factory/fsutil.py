@@ -88,7 +88,8 @@ async def write_if_changed_async(path: Path, data: str | bytes) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, read here (in a worker thread already, or a small file)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(4 * 1024 * 1024):
@@ -98,7 +99,7 @@ def _sha256(path: Path) -> str:
 
 async def sha256_file(path: Path) -> str:
     """sha256 of a file, in a worker thread (hashing a disk image takes seconds)."""
-    return await anyio.to_thread.run_sync(_sha256, path, abandon_on_cancel=True)
+    return await anyio.to_thread.run_sync(sha256_of, path, abandon_on_cancel=True)
 
 
 def data_extents(path: Path, merge_gap: int = 1024 * 1024) -> list[tuple[int, int]]:

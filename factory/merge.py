@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 
 from factory import changes, sign
-from factory.fsutil import TMP_PREFIX, aside, atomic_write_async
+from factory.fsutil import TMP_PREFIX, aside, atomic_write_async, sha256_of
 from factory.results import StageError
 
 REPORT, SUMS, CHANGES_MD = "report.json", "SHA256SUMS", "CHANGES.md"
@@ -145,20 +145,19 @@ def _take(src: Path, dst: Path) -> str:
     if src.is_symlink():
         os.symlink(os.readlink(src), dst)
         return ""
-    h = hashlib.sha256()
     try:
         os.link(src, dst)
-        with open(dst, "rb") as fh:
-            while chunk := fh.read(4 * 1024 * 1024):
-                h.update(chunk)
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            while chunk := fin.read(4 * 1024 * 1024):
-                h.update(chunk)
-                fout.write(chunk)
-        shutil.copystat(src, dst)
+    else:
+        return sha256_of(dst)
+    h = hashlib.sha256()  # a copy: hashed as it is written
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(4 * 1024 * 1024):
+            h.update(chunk)
+            fout.write(chunk)
+    shutil.copystat(src, dst)
     return h.hexdigest()
 
 
