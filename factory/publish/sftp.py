@@ -43,6 +43,7 @@ from typing import cast
 import anyio
 import asyncssh
 
+from factory.executors.placement import one_line
 from factory.executors.ssh import known_hosts_for
 from factory.publish import Refused
 from factory.results import StageError
@@ -95,7 +96,8 @@ class Sent:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """placement's one line (asyncssh's reason), cut to what an error line can hold."""
+    text = one_line(exc)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
