@@ -102,6 +102,7 @@ class SshLink(Link):
                     encryption_algs=CIPHERS,
                 )
                 self.sftp = await self.conn.start_sftp_client()
+            self.workdir_made = False  # a new connection: the host may have been wiped
             self.down = None
         except StageError as exc:
             self.down = str(exc)
