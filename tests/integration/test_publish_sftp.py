@@ -55,42 +55,12 @@ debian = "host"
 class SftpServer(Sshd):
     """An sshd whose internal-sftp logs every open, write and rename (VERBOSE)."""
 
-    def start(self) -> SftpServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "srv").mkdir(exist_ok=True)
-        if not self.host_key.exists():
-            keygen(self.host_key)
-        (self.root / "authorized_keys").write_text(Path(f"{self.client_key}.pub").read_text())
-        config = self.root / "sshd_config"
-        config.write_text(
-            f"ListenAddress 127.0.0.1\nPort {self.port}\nHostKey {self.host_key}\n"
-            f"AuthorizedKeysFile {self.root}/authorized_keys\n"
-            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            # OpenSSH's sftp-server, its log (every open, write and rename) to a file.
-            f"Subsystem sftp {SFTP_SERVER} -e -l VERBOSE 2>>{self.sftp_log}\n"
-            f"PidFile {self.root}/sshd.pid\n"
-        )
-        Path("/run/sshd").mkdir(exist_ok=True)
-        log = self.log
-        log.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [SSHD, "-D", "-f", str(config), "-E", str(log)], start_new_session=True
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if log.exists() and f"port {self.port}" in log.read_text():
-                return self
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise AssertionError(log.read_text() if log.exists() else "sshd: no log")
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError(f"sshd on port {self.port} did not start within 30 s")
+    def folders(self) -> tuple[Path, ...]:
+        return (self.srv,)
 
-    @property
-    def log(self) -> Path:
-        return self.root / "sshd.log"
+    def own_config(self) -> str:
+        # OpenSSH's sftp-server, its log (every open, write and rename) to a file.
+        return f"Subsystem sftp {SFTP_SERVER} -e -l VERBOSE 2>>{self.sftp_log}\n"
 
     def kill(self) -> None:
         """The server dies at once: sshd, its session and its sftp-server."""

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -137,9 +137,25 @@ class Sshd:
         key = (self.root / "ssh_host_ed25519_key.pub").read_text().split()
         return f"[127.0.0.1]:{self.port} {key[0]} {key[1]}\n"
 
-    def start(self) -> Sshd:
+    @property
+    def log(self) -> Path:
+        return self.root / "sshd.log"
+
+    def folders(self) -> tuple[Path, ...]:
+        """The folders the server needs under its root."""
+        return (self.workdir, self.cache, self.root / "state")
+
+    def own_config(self) -> str:
+        """sshd_config's lines of this kind of server, after those every one has."""
+        return (
+            "Subsystem sftp internal-sftp\n"
+            # The host's own factory state (killed-run records), not the controller's.
+            f"SetEnv FACTORY_STATE_DIR={self.root}/state FACTORY_TEST_HOST={self.root}\n"
+        )
+
+    def start(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
-        for folder in (self.workdir, self.cache, self.root / "state"):
+        for folder in self.folders():
             folder.mkdir(exist_ok=True)
         if not self.host_key.exists():
             keygen(self.host_key)
@@ -150,13 +166,10 @@ class Sshd:
             f"AuthorizedKeysFile {self.root}/authorized_keys\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-            "Subsystem sftp internal-sftp\n"
-            f"PidFile {self.root}/sshd.pid\n"
-            # The host's own factory state (killed-run records), not the controller's.
-            f"SetEnv FACTORY_STATE_DIR={self.root}/state FACTORY_TEST_HOST={self.root}\n"
+            f"PidFile {self.root}/sshd.pid\n" + self.own_config()
         )
         Path("/run/sshd").mkdir(exist_ok=True)
-        log = self.root / "sshd.log"
+        log = self.log
         # This test's log only, removed before sshd starts: removed after, it could take
         # the line that says sshd listens with it (sshd appends to the file it opened).
         log.unlink(missing_ok=True)
