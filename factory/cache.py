@@ -191,12 +191,15 @@ class Cache:
         run = state.current()
         if run is not None:  # mmdebstrap mounts inside it; a killed run leaves them
             run.add_mount(tmp)
+        log = proc.current_log.get()
+        # The job's log is appended to across runs into one OUT (a killed run, then its
+        # rerun): the tree keeps only what was written while this build ran.
+        start = _size(log.path) if log is not None else 0
         try:
             yield tmp / "root"
             await _unmount_under(tmp)
-            log = proc.current_log.get()
             if log is not None and log.path.is_file():
-                shutil.copyfile(log.path, tmp / "build.log")
+                _copy_from(log.path, start, tmp / "build.log")
             (tmp / "meta.json").write_text(
                 json.dumps({**meta, "created": time.time()}, sort_keys=True)
             )
@@ -339,3 +342,17 @@ async def remove_tree(path: Path) -> None:
 
 
 __all__ = ["DEFAULT_CACHE", "Cache", "Entry", "opened", "remove_tree"]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _copy_from(source: Path, offset: int, dest: Path) -> None:
+    """SOURCE's bytes from OFFSET on, into DEST."""
+    with open(source, "rb") as src, open(dest, "wb") as out:
+        src.seek(offset)
+        shutil.copyfileobj(src, out)

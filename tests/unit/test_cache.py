@@ -121,3 +121,28 @@ async def test_nothing_mounted_goes_into_the_store(tmp_path: Path) -> None:
     assert state.mounts_under(str(tmp_path)) == []
     entry = cache.get(KEY)
     assert entry is not None and (entry.root / "proc").is_dir()
+
+
+async def test_a_tree_keeps_only_its_own_builds_log(tmp_path: Path) -> None:
+    """A job's log in OUT is appended to by a rerun into that OUT (after a killed run):
+    the tree's build.log is what was written while this build ran, not the attempt
+    before it too."""
+    log = tmp_path / "out" / "logs" / "finalise.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("$ the killed run's command\n")
+    cache = await Cache(tmp_path / "cache").open()
+    with proc.logging_to(log):
+        proc.note("before the build")
+        await build(cache, "tree")
+        proc.note("after the build")
+    entry = cache.get(KEY)
+    assert entry is not None
+    assert entry.log.read_text() == ""
+    with proc.logging_to(log):
+        async with cache.lock(KEY), cache.building(KEY, {}) as root:
+            proc.note("inside")
+            await proc.run(["touch", root / "file"])
+    entry = cache.get(KEY)
+    assert entry is not None
+    text = entry.log.read_text()
+    assert text.startswith("# inside\n$ touch ") and "killed run" not in text
