@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -23,6 +24,10 @@ from factory.results import Output, StageError
 from factory.stages import Context, Stage, StageParams
 
 LOGIN = r"login:\s*$"
+# A guest that says this never reaches a login prompt: stop there instead of waiting
+# out the timeout (minutes, for a nightly run that boots every disk). These are the
+# kernel's last words, after its trace: the whole line, so the reason is in the tail.
+PANIC = r"---\[ end Kernel panic - not syncing: .*\]---"
 KVM_VERDICTS = "kvm.json"  # in the cache folder
 FIRMWARES = arches.FIRMWARES
 
@@ -153,9 +158,14 @@ async def boot_image(
         args = qemu_args(image, fmt, arch, firmware, vars_copy)
         accel = await choose_accel(args, arch, verdicts, say)
         started = time.monotonic()
-        await proc.run(
-            qemu_args(image, fmt, arch, firmware, vars_copy, accel), until=LOGIN, timeout=timeout
+        booted = await proc.run(
+            qemu_args(image, fmt, arch, firmware, vars_copy, accel),
+            until=f"{LOGIN}|{PANIC}",
+            timeout=timeout,
         )
+        if booted.stderr_tail and re.search(PANIC, booted.stderr_tail[-1]):
+            after = time.monotonic() - started
+            raise StageError(f"{image.name}: the kernel panicked after {after:.0f} s, no login")
     except TimeoutError:
         raise StageError(f"{image.name}: no login prompt within {timeout:.0f} s") from None
     except proc.CommandError as exc:
