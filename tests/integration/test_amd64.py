@@ -382,15 +382,19 @@ def test_run_with_boot_test_boots_the_disk(tmp_path: Path) -> None:
 def test_boot_probes_kvm_once_and_says_when_it_falls_back(amd64: Build, tmp_path: Path) -> None:
     """A host whose /dev/kvm cannot run the guest kernel boots by TCG and says so; the
     verdict is kept, so the next boot does not probe again (its log, which has every
-    command the boot ran, has no probe in it)."""
+    command the boot ran, has no probe in it). The second boot need not reach a login
+    prompt to show that: it is cut short."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm here: nothing to probe")
     cache = tmp_path / "cache"
     runs = []
-    for n in (1, 2):
+    for n, limit in ((1, "300"), (2, "15")):
         log = tmp_path / f"console-{n}.log"
-        result = factory("boot", amd64.artifact("raw"), "--cache", cache, "--log", log, timeout=400)
-        assert result.returncode == 0, result.stderr
+        result = factory(
+            "boot", amd64.artifact("raw"), "--cache", cache, "--log", log, "--timeout", limit,
+            timeout=400,
+        )  # fmt: skip
+        assert result.returncode == (0 if n == 1 else 1), result.stderr
         commands = [line for line in log.read_text().splitlines() if line.startswith("$ ")]
         runs.append((result.stderr, [c for c in commands if "qemu-system" in c]))
     (works,) = json.loads((cache / "kvm.json").read_text()).values()

@@ -1,8 +1,11 @@
 """Two builds with different TMPDIR and OUT paths, minutes apart, are bit-identical.
 
-A ppc64el cell (its tree made under qemu-user) in six formats: the first build may take
-its tree from the shared cache, the second rebuilds it with --refresh; every artifact, the
-SBOM and the package manifest must come out the same, byte for byte.
+A ppc64el cell (its tree made under qemu-user): the first build may take its tree from
+the shared cache, the second rebuilds it with --refresh; every artifact, the SBOM and the
+package manifest must come out the same, byte for byte. Its formats are those whose bytes
+hold the arch: the disk (PReP, ppc64el's grub), the tree as tar, and docker's config.
+The other formats' code does not look at the arch; test_nightly rebuilds an amd64 cell
+in all ten and compares them the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from tests.conftest import factory, sha256
 from tests.integration.conftest import CACHE
 
 CELL = "debian-bookworm-ppc64el"
-FORMATS = ["raw", "qcow2", "vmdk", "tar", "squashfs", "docker"]
+FORMATS = ["raw", "tar", "docker"]
 MATRIX = f"""\
 name = "repro-ppc"
 arches = ["ppc64el"]

@@ -103,15 +103,10 @@ def test_boots_by_bios(uefi: Build, tmp_path: Path) -> None:
     assert "Debian GNU/Linux 12" in console
 
 
-def test_boots_by_uefi(uefi: Build, tmp_path: Path) -> None:
-    console = boots(uefi.artifact("raw"), tmp_path / "console.log", "--firmware", "uefi")
-    assert "Debian GNU/Linux 12" in console
-    assert "EFI v" in console or "efi:" in console
-
-
 async def test_boots_with_secure_boot_on(uefi: Build, tmp_path: Path) -> None:
     """shim (Microsoft-signed) → grub → kernel (Debian-signed) verify with OVMF's
-    Microsoft keys enrolled and Secure Boot enforcing."""
+    Microsoft keys enrolled and Secure Boot enforcing. This is also the disk's UEFI boot
+    (a plain UEFI boot of a gpt-efi disk is test_layouts' amd64 gpt-efi boot)."""
     log = tmp_path / "console.log"
     with proc.logging_to(log):
         await boot_image(
@@ -119,4 +114,5 @@ async def test_boots_with_secure_boot_on(uefi: Build, tmp_path: Path) -> None:
         )
     console = log.read_text(errors="replace")
     assert "Secure boot enabled" in console
+    assert "EFI v" in console or "efi:" in console
     assert "Debian GNU/Linux 12" in console
