@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 FACTORY = [sys.executable, "-m", "factory"]
 
@@ -110,3 +112,24 @@ def qcow2_clusters(image: Path) -> list[tuple[int, int]]:
                 if host:
                     found.append(((i * per_table + j) * cluster, host))
     return sorted(found)
+
+
+# ---- where the suite's time goes ---------------------------------------------------------
+
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Every phase's time, by module (with xdist, on the controller as reports arrive)."""
+    module = report.nodeid.split("::", 1)[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The modules that took a minute or more, longest first: what to look at when the
+    suite outgrows its budget (LONGEST_FIRST in tests/integration/conftest.py)."""
+    slow = sorted(((s, m) for m, s in _MODULE_SECONDS.items() if s >= 60), reverse=True)
+    if slow:
+        terminalreporter.section("seconds per module (setup + call + teardown)")
+        for seconds, module in slow:
+            terminalreporter.write_line(f"{seconds:8.1f}s {module}")
