@@ -107,10 +107,13 @@ def _num(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _dicts(value: object) -> list[dict[str, Any]]:
+    """The records of a list in the report; anything else holds none."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
 def _jobs(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [
-        j for j in report.get("jobs") or [] if isinstance(j, dict) and isinstance(j.get("id"), str)
-    ]
+    return [j for j in _dicts(report.get("jobs")) if isinstance(j.get("id"), str)]
 
 
 def ran(job: Mapping[str, Any]) -> bool:
@@ -180,7 +183,8 @@ def critical_path(jobs: Iterable[Mapping[str, Any]]) -> list[str]:
     def chain(jid: str, seen: frozenset[str]) -> tuple[float, list[str]]:
         if jid in best:
             return best[jid]
-        deps = drawn[jid].get("deps") or []
+        deps = drawn[jid].get("deps")
+        deps = deps if isinstance(deps, list) else []
         options = [
             chain(d, seen | {jid})
             for d in sorted(d for d in deps if isinstance(d, str))
@@ -306,8 +310,8 @@ def _cells(report: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -> list
     for j in jobs:
         if j.get("kind") != "upload" and isinstance(j.get("cell"), str):
             cells.append(j["cell"])
-    for a in report.get("artifacts") or []:
-        if isinstance(a, dict) and isinstance(a.get("cell"), str):
+    for a in _dicts(report.get("artifacts")):
+        if isinstance(a.get("cell"), str):
             cells.append(a["cell"])
     return list(dict.fromkeys(cells))
 
@@ -337,7 +341,7 @@ def _boot_text(job: Mapping[str, Any]) -> str:
 
 
 def matrix_table(report: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -> str:
-    artifacts = [a for a in report.get("artifacts") or [] if isinstance(a, dict)]
+    artifacts = _dicts(report.get("artifacts"))
     by_cell_col: dict[tuple[str, str], dict[str, Any]] = {}
     column_of_path: dict[str, str] = {}
     for j in jobs:
@@ -469,9 +473,7 @@ def _changes_text(info: Mapping[str, Any]) -> tuple[str, str]:
         return "first", "first build (no earlier manifest)"
     if not isinstance(ch, dict):
         return "none", "?"
-    upgraded = [c for c in ch.get("changed") or [] if isinstance(c, dict)]
-    added = [c for c in ch.get("added") or [] if isinstance(c, dict)]
-    removed = [c for c in ch.get("removed") or [] if isinstance(c, dict)]
+    upgraded, added, removed = (_dicts(ch.get(k)) for k in ("changed", "added", "removed"))
     if not (upgraded or added or removed):
         return "same", "no change"
     summary = f"{len(upgraded)} upgraded, {len(added)} added, {len(removed)} removed"
@@ -500,13 +502,12 @@ def changes_table(report: Mapping[str, Any]) -> str:
         epoch = _num(info.get("epoch"))
         when = f"{e(utc(epoch))}<br><code>{int(epoch)}</code>" if epoch is not None else "?"
         suites = []
-        for s in info.get("archive") or []:
-            if isinstance(s, dict):
-                digest = str(s.get("sha256", ""))
-                suites.append(
-                    f"{e(s.get('suite', '?'))}: {e(s.get('date', '?'))} "
-                    f'<code title="{e(digest)}">{e(digest[:12])}</code>'
-                )
+        for s in _dicts(info.get("archive")):
+            digest = str(s.get("sha256", ""))
+            suites.append(
+                f"{e(s.get('suite', '?'))}: {e(s.get('date', '?'))} "
+                f'<code title="{e(digest)}">{e(digest[:12])}</code>'
+            )
         links = [
             f'<a href="{e(h)}">{e(label)}</a>'
             for label in ("manifest", "sbom")
@@ -573,7 +574,7 @@ def _about(report: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -> str:
         ("started", utc(started)),
         ("finished", f"{utc(finished)} ({took})"),
         ("jobs", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
-        ("artifacts", str(len(report.get("artifacts") or []))),
+        ("artifacts", str(len(_dicts(report.get("artifacts"))))),
         ("factory", report.get("factory_version") or "?"),
         ("built on", report.get("host") or ("several machines" if report.get("shards") else "?")),
         ("matrix sha256", str(report.get("matrix_sha256") or "?")[:16]),
@@ -582,7 +583,7 @@ def _about(report: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -> str:
     files = " · ".join(
         f'<a href="{name}">{name}</a>' for name in ("report.json", "SHA256SUMS", "CHANGES.md")
     )
-    missing = report.get("missing") or []
+    missing = report.get("missing") if isinstance(report.get("missing"), list) else []
     note = (
         f"<p class=err>Cells no shard holds: {e(', '.join(map(str, missing)))}</p>"
         if missing
