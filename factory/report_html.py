@@ -100,7 +100,7 @@ def href(path: object) -> str | None:
     if not isinstance(path, str) or not path:
         return None
     p = PurePosixPath(path)
-    if p.is_absolute() or ".." in p.parts or ":" in p.parts[0]:
+    if not p.parts or p.is_absolute() or ".." in p.parts or ":" in p.parts[0]:
         return None
     return quote(p.as_posix())
 
