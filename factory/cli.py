@@ -335,6 +335,23 @@ def diff(
         raise fail_usage(str(exc)) from None
 
 
+@app.command("report")
+def report_cmd(
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="a factory output folder", show_default=False)
+    ],
+) -> None:
+    """Write OUT/report.html again from OUT/report.json: the matrix with each artifact's
+    size, sha256 and boot result, the failures, a timeline of the jobs and the changes."""
+    from factory import report_html
+
+    try:
+        page = report_html.rebuild(out)
+    except report_html.ReportError as exc:
+        raise fail_usage(str(exc)) from None
+    print(f"wrote {page}", file=sys.stderr)
+
+
 TagOpt = Annotated[
     list[str] | None,
     typer.Option(

@@ -27,13 +27,13 @@ from typing import Any
 
 import anyio
 
-from factory import changes, sign
+from factory import changes, report_html, sign
 from factory.fsutil import TMP_PREFIX, aside, atomic_write_async, sha256_of
 from factory.results import StageError
 
 REPORT, SUMS, CHANGES_MD = "report.json", "SHA256SUMS", "CHANGES.md"
 # Written anew for the merged OUT, never carried from a shard.
-REWRITTEN = frozenset({REPORT, SUMS, SUMS + sign.SUFFIX, CHANGES_MD})
+REWRITTEN = frozenset({REPORT, report_html.NAME, SUMS, SUMS + sign.SUFFIX, CHANGES_MD})
 SKIPPED_DIRS = frozenset({".work"})  # a killed run's intermediates
 # Worst last: the merged status is the highest rank among the shards.
 RANK = {"built": 0, "unchanged": 0, "failed": 1, "interrupted": 2}
@@ -289,6 +289,7 @@ async def merge(
     try:
         sums = await _gather(shards, staging)
         await atomic_write_async(staging / REPORT, json.dumps(report, indent=2) + "\n")
+        await report_html.write(staging, report)
         text = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(sums.items()))
         await atomic_write_async(staging / SUMS, text)
         await atomic_write_async(staging / CHANGES_MD, changes_md(report))

@@ -55,6 +55,7 @@ async def write(
                 "id": r.job.id,
                 "kind": r.job.kind,
                 "cell": r.job.cell,
+                "deps": list(r.job.deps),
                 "key": r.job.key,
                 "status": r.status,
                 "started": r.started,

@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
-from factory import ci, nightly, outstate, report, sign, state
+from factory import ci, nightly, outstate, report, report_html, sign, state
 from factory.cache import Cache, remove_tree
 from factory.events import Bus, Event, JsonSink, PlainSink
 from factory.executors.local import LocalExecutor
@@ -328,11 +328,11 @@ async def _record(
     previous: dict[str, object] | None,
     carried: outstate.Carried,
 ) -> None:
-    """report.json, SHA256SUMS, the SBOMs, CHANGES.md and the signature, in that order
-    (the signature last: it covers the SHA256SUMS just written)."""
+    """report.json, SHA256SUMS, report.html, the SBOMs, CHANGES.md and the signature, in
+    that order (the signature last: it covers the SHA256SUMS just written)."""
     by_id = {r.job.id: r for r in runs}
     cells, per_cell = await nightly.record(whole, by_id, before, previous, opts.out)
-    await report.write(
+    doc = await report.write(
         opts.out,
         matrix.name,
         started,
@@ -344,6 +344,7 @@ async def _record(
         cells=cells,
         about=ci.about(matrix, opts.matrix_sha256),
     )
+    await report_html.write(opts.out, doc)
     since = (previous or {}).get("finished")
     await nightly.write_changes(
         opts.out, matrix.name, per_cell, since if isinstance(since, int | float) else None

@@ -577,7 +577,7 @@ def _check(
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     artifacts = [f for f in files if f.endswith(".tar")]
     allowed = {f"{c}/{c}{suffix}" for c in cell_ids for suffix in EXPECTED_PER_CELL}
-    allowed |= {"report.json", "SHA256SUMS", "CHANGES.md"}
+    allowed |= {"report.json", "report.html", "SHA256SUMS", "CHANGES.md"}
     strays = [f for f in files if f not in allowed and not f.startswith("logs/")]
     if artifacts != expected:
         missing = sorted(set(expected) - set(artifacts))

@@ -111,7 +111,7 @@ def snapshot(out: Path) -> dict[str, tuple[int, int]]:
 def published(build: Run) -> set[str]:
     """What OUT may hold besides logs/: the artifacts, their .sha256 files, the cell's
     manifest and SBOM, and the run's own files."""
-    expected = {"SHA256SUMS", "SHA256SUMS.sign", "report.json", "CHANGES.md"}
+    expected = {"SHA256SUMS", "SHA256SUMS.sign", "report.json", "report.html", "CHANGES.md"}
     for artifact in build.report["artifacts"]:
         expected |= {artifact["path"], f"{artifact['path']}.sha256"}
     expected |= {f"{CELL}/{CELL}.manifest.json", f"{CELL}/{CELL}.spdx.json"}

@@ -82,6 +82,7 @@ def make_shard(
     (shard / "report.json").write_text(json.dumps(report))
     (shard / "SHA256SUMS").write_text("".join(f"{a['sha256']}  {a['path']}\n" for a in artifacts))
     (shard / "CHANGES.md").write_text(f"# two\n\n## {cell}\n")
+    (shard / "report.html").write_text(f"<p>{cell} alone</p>\n")
     return shard
 
 
@@ -109,6 +110,8 @@ def test_two_shards_make_one_out(shards: tuple[Path, Path], tmp_path: Path) -> N
     assert report["status"] == "built" and report["matrix_sha256"] == DIGEST
     assert report["factory_version"] == __version__
     assert (report["started"], report["finished"]) == (100.0, 300.0)
+    page = (out / "report.html").read_text()  # the merged run's page, not a shard's
+    assert "alone" not in page and all(f">{c}<" in page for c in report["cells"]), page
     # Each job names the machine it ran on, from its shard's report.
     assert {j["id"]: j["host"] for j in report["jobs"]} == {
         "rootfs:debian-bookworm-amd64": "runner-debian-bookworm-amd64",
