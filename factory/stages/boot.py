@@ -26,7 +26,9 @@ from factory.fsutil import atomic_write
 from factory.results import Output, StageError
 from factory.stages import Context, Stage, StageParams
 
-LOGIN = r"login:\s*$"
+# The prompt ends its line; a console message (cloud-init's, with the kernel's timestamp)
+# may be written right after it, before the guest prints a newline.
+LOGIN = r"login:\s*(?:$|\[\s*\d+\.\d+\])"
 KVM_VERDICTS = "kvm.json"  # in the cache folder
 FIRMWARES = arches.FIRMWARES
 
@@ -137,9 +139,13 @@ def qemu_args(
     seed: Path | None = None,
 ) -> list[str]:
     """The whole QEMU command: the console on stdout, the image read-only (-snapshot),
-    no network (nothing leaves the machine); a NoCloud seed as a second virtio disk."""
+    no network (nothing leaves the machine). With a NoCloud seed (a second virtio disk)
+    the guest gets a NIC on QEMU's user network with restrict=on: DHCP from QEMU itself
+    and nothing beyond, as a cloud VM has a NIC; without any, cloud-init's units wait for
+    network-online.target, and systemd-networkd-wait-online gives up only after 2 min."""
     a = arches.get(arch)
-    common = ["-smp", "2", "-monitor", "none", "-serial", "stdio", "-snapshot", "-nic", "none",
+    nic = ["user,restrict=on,model=virtio-net-pci"] if seed is not None else ["none"]
+    common = ["-smp", "2", "-monitor", "none", "-serial", "stdio", "-snapshot", "-nic", *nic,
               "-drive", f"file={image},format={fmt},if=virtio"]  # fmt: skip
     if seed is not None:
         common += ["-drive", f"file={seed},format=raw,if=virtio"]
