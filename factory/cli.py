@@ -7,6 +7,7 @@ import functools
 import importlib.metadata
 import inspect
 import json
+import re
 import sys
 import tempfile
 import time
@@ -224,6 +225,29 @@ def boot(
     ] = None,
     timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for login:")] = 300,
     log: Annotated[Path | None, typer.Option(help="keep the console output here")] = None,
+    cloud_init: Annotated[
+        Path | None,
+        typer.Option(
+            "--cloud-init",
+            metavar="USER_DATA",
+            help="give cloud-init this user-data on a NoCloud seed (a second drive) and "
+            "wait for cloud-init to finish too",
+        ),
+    ] = None,
+    instance_id: Annotated[
+        str | None,
+        typer.Option(
+            help="the NoCloud seed's instance-id", show_default="from the user-data's sha256"
+        ),
+    ] = None,
+    wait_for: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--wait-for",
+            metavar="TEXT",
+            help="also wait for a console line holding TEXT (may be given more than once)",
+        ),
+    ] = None,
     cache: CacheOpt = DEFAULT_CACHE,
 ) -> None:
     """Boot IMAGE in QEMU and wait for its login prompt (exit 0), or fail with the
@@ -234,10 +258,32 @@ def boot(
     from factory import probe
     from factory.proc import JobLog, logging_to
     from factory.results import StageError
-    from factory.stages.boot import KVM_VERDICTS, boot_image, detect_format
+    from factory.stages.boot import (
+        CLOUD_INIT_DONE,
+        KVM_VERDICTS,
+        boot_image,
+        check_instance_id,
+        detect_format,
+    )
 
     if not image.is_file():
         raise fail_usage(f"{image}: not a file (give a disk image)")
+    user_data = None
+    if cloud_init is not None:
+        try:
+            user_data = cloud_init.read_bytes()
+        except OSError as exc:
+            raise fail_usage(f"--cloud-init {cloud_init}: {exc.strerror or exc}") from None
+    elif instance_id is not None:
+        raise fail_usage("--instance-id is the NoCloud seed's: give --cloud-init USER_DATA too")
+    if instance_id is not None:
+        try:
+            check_instance_id(instance_id)
+        except StageError as exc:
+            raise fail_usage(f"--instance-id: {exc}") from None
+    waits = tuple(re.escape(t) for t in wait_for or ())
+    if user_data is not None:
+        waits += (CLOUD_INIT_DONE,)
 
     def say(text: str) -> None:
         print(f"boot: {text}", file=sys.stderr)
@@ -259,6 +305,9 @@ def boot(
                 work=work,
                 verdicts=cache / KVM_VERDICTS,
                 say=say,
+                user_data=user_data,
+                instance_id=instance_id,
+                wait_for=waits,
             )
 
     with tempfile.TemporaryDirectory(prefix="factory-boot-") as work:
@@ -272,7 +321,11 @@ def boot(
             for line in JobLog(console).tail(15):
                 print(f"  | {line}", file=sys.stderr)
             raise typer.Exit(EXIT_FAILED) from None
-    print(f"{image}: login prompt after {seconds:.1f} s")
+    what = " and ".join(
+        ["login prompt", *(["cloud-init done"] if user_data is not None else []),
+         *(repr(t) for t in wait_for or ())]
+    )  # fmt: skip
+    print(f"{image}: {what} after {seconds:.1f} s")
 
 
 @cache_app.command("ls")

@@ -1,9 +1,10 @@
 """Matrix → Plan: the DAG of jobs, each with a content key.
 
-Pure: no I/O but hashing the hook folders (and, once, the stages' code). Each job's
-params are its stage's typed `Params`; its key is the sha256 of its kind, its stage's
-recipe and code fingerprint, its params and its dependencies' keys, so the same inputs
-and code give the same key on every run and machine, and the cache knows what it has.
+Pure: no I/O but hashing the hook folders and the boot test's user-data (and, once, the
+stages' code). Each job's params are its stage's typed `Params`; its key is the sha256 of
+its kind, its stage's recipe and code fingerprint, its params and its dependencies' keys,
+so the same inputs and code give the same key on every run and machine, and the cache
+knows what it has.
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ def _cell_jobs(
     disk_formats = [f for f in wanted if f.source == "disk"]
     tree_formats = [f for f in wanted if f.source == "tree"]
 
+    extra = (*m.image.packages, *(family.cloud_init_packages if m.image.cloud_init else ()))
     rootfs_job = b.add(
         "rootfs",
         cell,
@@ -239,7 +241,7 @@ def _cell_jobs(
             release=cell.distro.release,
             arch=cell.arch,
             packages=tuple(
-                family.packages(cell.distro.release, cell.arch, every_method, m.image.packages)
+                family.packages(cell.distro.release, cell.arch, every_method, extra)
             ),
             mirror=m.mirrors.debian,
             updates=m.mirrors.updates,
@@ -276,6 +278,7 @@ def _cell_jobs(
             hooks=tuple(hooks),
             manifest=f"{cell.id}/{cell.id}.manifest.json",
             epoch=epoch,
+            datasources=m.image.datasource_list(),
         ),
     )
 
@@ -294,6 +297,14 @@ def _cell_jobs(
             f"{fmt.name}-{layout}" if layout else fmt.name,
         )
 
+    user_data = (
+        boot.UserData(
+            path=str(m.image.boot_test_user_data),
+            digest=hashlib.sha256(m.image.boot_test_user_data.read_bytes()).hexdigest(),
+        )
+        if m.image.boot_test_user_data is not None
+        else None
+    )
     for layout in layouts if disk_formats or m.image.boot_test else ():
         # With several layouts, each disk's jobs and files carry its layout's name.
         named = layout.name if len(layouts) > 1 else ""
@@ -346,6 +357,7 @@ def _cell_jobs(
                     boot=methods[layout.name][0],
                     layout=layout.name,
                     timeout=m.image.boot_timeout,
+                    user_data=user_data,
                 ),
                 named,
             )

@@ -176,11 +176,12 @@ async def _drain(
     log: JobLog | None,
     tail: deque[str] | None,
     keep: bytearray | None,
-    until: re.Pattern[str] | None = None,
+    until: list[re.Pattern[str]] | None = None,
     found: Callable[[], None] | None = None,
 ) -> None:
     """Read a pipe to its end: kept bytes (`keep`), or lines to the log and the tail;
-    calls `found` and stops at the first line that matches `until`."""
+    calls `found` and stops once every pattern of `until` has matched a line (in any
+    order: a guest's login prompt and a service's message race each other)."""
     if stream is None:
         return
     pending = b""
@@ -194,7 +195,8 @@ async def _drain(
             await _record(texts, log, tail)
         if until is not None and found is not None:
             partial = pending.decode(errors="replace")
-            if any(until.search(t) for t in texts) or until.search(partial):
+            until[:] = [u for u in until if not any(u.search(t) for t in (*texts, partial))]
+            if not until:
                 if partial and keep is None:  # a prompt ends without a newline: keep it
                     await _record([partial], log, tail)
                 found()
@@ -236,7 +238,7 @@ async def run(
     cwd: Arg | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
-    until: str | None = None,
+    until: str | Sequence[str] | None = None,
 ) -> Completed:
     """Run a command to completion.
 
@@ -245,8 +247,9 @@ async def run(
     session so that killing its process group also stops what it started (mmdebstrap's
     apt, qemu, ...). `env` entries are added to the inherited environment.
 
-    With `until`, the command runs until a line of its stdout matches that regex; then it
-    is stopped and `matched` is set (for programs that never exit, such as a booting VM).
+    With `until`, the command runs until a line of its stdout matches that regex (or, for
+    several, each of them has matched a line); then it is stopped and `matched` is set
+    (for programs that never exit, such as a booting VM).
     A command that exits before a match is an error however it exits.
     """
     args = [os.fspath(a) for a in argv]
@@ -257,7 +260,8 @@ async def run(
     full_env = None if env is None else {**os.environ, **env}
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     out = bytearray() if capture else None
-    pattern = re.compile(until) if until is not None else None
+    wanted = [until] if isinstance(until, str) else list(until or ())
+    pattern = [re.compile(u) for u in wanted] if until is not None else None
     matched = False
     # Shielded: a cancel arriving while the pipes connect would otherwise kill only the
     # leader and leave its children running; it is taken at the first await below.
@@ -311,7 +315,8 @@ async def run(
     if log is not None:
         log.write(f"# exit {code} after {time.monotonic() - started:.1f}s")
     if until is not None and not matched:
-        tail.append(f"exited before printing a line that matches {until!r}")
+        what = " and one that matches ".join(map(repr, wanted))
+        tail.append(f"exited before printing a line that matches {what}")
         raise CommandError(args, code, list(tail))
     if check and code != 0 and not matched:
         raise CommandError(args, code, list(tail))

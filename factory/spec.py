@@ -242,6 +242,55 @@ def _hook(value: object, info: ValidationInfo) -> object:
     raise ValueError(f"hook folder {path} {what} (give a folder with finalise.d/ or cleanup.d/)")
 
 
+# cloud-init's datasource names (its sources/DataSource*.py, as its datasource_list takes
+# them): "None" is the fallback factory puts last in every list.
+CLOUD_INIT_DATASOURCES = (
+    "NoCloud", "ConfigDrive", "OpenStack", "Ec2", "Azure", "GCE", "OpenNebula",
+    "DigitalOcean", "AltCloud", "OVF", "MAAS", "CloudSigma", "SmartOS", "Bigstep",
+    "Scaleway", "AliYun", "CloudStack", "Hetzner", "IBMCloud", "Oracle", "Exoscale",
+    "RbxCloud", "UpCloud", "VMware", "Vultr", "LXD", "NWCS", "Akamai", "WSL", "None",
+)  # fmt: skip
+
+
+def _datasource(value: str) -> str:
+    if value in CLOUD_INIT_DATASOURCES:
+        return value
+    close = difflib.get_close_matches(value, CLOUD_INIT_DATASOURCES, n=1, cutoff=0.6)
+    if not close:
+        close = [n for n in CLOUD_INIT_DATASOURCES if n.lower() == value.lower()]
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(
+        f"{value!r} is not a cloud-init datasource ({hint}valid: "
+        f"{_one_of(CLOUD_INIT_DATASOURCES)})"
+    )
+
+
+def _datasources(items: tuple[str, ...]) -> tuple[str, ...]:
+    _unique("datasource")(items)
+    if "None" in items[:-1]:
+        raise _Problem(
+            '"None" is the fallback and ends the list (put it last, or leave it out: '
+            "factory adds it)",
+            items.index("None"),
+        )
+    return items
+
+
+def _user_data(value: object, info: ValidationInfo) -> object:
+    """A boot test's cloud-init user-data: relative to the matrix file, there when it loads."""
+    if not isinstance(value, str | Path):
+        return value  # pydantic reports the type
+    path = _local_path(str(value), info)
+    try:
+        path = path.resolve()
+        if path.is_file():
+            return path
+        what = "is not a file" if path.exists() else "does not exist"
+    except (OSError, RuntimeError) as e:
+        what = f"cannot be used: {getattr(e, 'strerror', None) or e}"
+    raise ValueError(f"user-data {path} {what} (give a #cloud-config file)")
+
+
 def _local_path(value: str, info: ValidationInfo) -> Path:
     """`~` is the user's home; a relative path is relative to the matrix file's folder."""
     if "\0" in value or "\n" in value:
@@ -540,6 +589,13 @@ class Image(_Model):
     ] = {}
     docker_tag: Annotated[str, AfterValidator(_docker_tag)] | None = None
     boot_test: StrictBool = False
+    # The boot test's cloud-init user-data (a NoCloud seed beside the disk): needs cloud_init.
+    boot_test_user_data: Annotated[Path, BeforeValidator(_user_data)] | None = None
+    # cloud-init's datasources, as diskimage-builder's DIB_CLOUD_INIT_DATASOURCES: the
+    # package goes into the tree and its datasource_list is these and "None".
+    cloud_init: Annotated[
+        tuple[Annotated[str, AfterValidator(_datasource)], ...], AfterValidator(_datasources)
+    ] = ()
     boot_timeout: Annotated[StrictInt, Field(ge=1)] = 300
     # SOURCE_DATE_EPOCH of every cell: None takes the newest Date: of its suites' Release.
     epoch: Annotated[StrictInt, Field(ge=0)] | None = None
@@ -560,6 +616,23 @@ class Image(_Model):
                     "partitions", i, "size",
                 )  # fmt: skip
         return self
+
+    @model_validator(mode="after")
+    def _user_data_needs_cloud_init(self) -> Image:
+        if self.boot_test_user_data is not None and "NoCloud" not in self.cloud_init:
+            raise _Problem(
+                "the boot test hands user-data over on a NoCloud seed, which this image's "
+                'cloud-init does not read (add "NoCloud" to cloud_init, or remove '
+                "boot_test_user_data)",
+                "boot_test_user_data",
+            )
+        return self
+
+    def datasource_list(self) -> tuple[str, ...]:
+        """cloud-init's datasource_list: the given ones, then "None" (none: no cloud-init)."""
+        if not self.cloud_init:
+            return ()
+        return tuple(dict.fromkeys((*self.cloud_init, "None")))
 
     def root_filesystem(self) -> str:
         """The root partition's filesystem: its own with [[image.partitions]]."""

@@ -22,6 +22,7 @@ class Family(Protocol):
     releases: tuple[str, ...]  # known releases: for messages and docs
     efi_vendor: str  # the ESP's /EFI/<vendor> folder its signed grub reads its config from
     leftovers: tuple[str, ...]  # globs of build leftovers removed from the tree
+    cloud_init_packages: tuple[str, ...]  # cloud-init and what it needs to read a seed
     initramfs_command: tuple[str, ...]  # run in the chroot once the tree is configured
     clean_command: tuple[str, ...]  # run in the chroot last: package caches
     manifest_format: str

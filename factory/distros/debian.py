@@ -443,6 +443,9 @@ class Debian:
     releases: tuple[str, ...] = ("bullseye", "bookworm", "trixie", "forky", "sid")
     efi_vendor: str = "debian"  # /EFI/debian on the ESP, where Debian's signed grub reads
     leftovers: tuple[str, ...] = LEFTOVERS
+    # NoCloud's cidata volume (vfat or iso9660) is found by blkid and mounted by mount,
+    # both in every tree; the filesystems are the kernel's modules.
+    cloud_init_packages: tuple[str, ...] = ("cloud-init",)
     initramfs_command: tuple[str, ...] = ("update-initramfs", "-c", "-k", "all")
     clean_command: tuple[str, ...] = ("apt-get", "clean")
     manifest_format: str = "dpkg"

@@ -43,6 +43,7 @@ class Params(StageParams):
     hooks: tuple[Hook, ...] = ()
     manifest: str  # where the package manifest goes under OUT
     epoch: int
+    datasources: tuple[str, ...] = ()  # cloud-init's datasource_list; () without cloud-init
 
 
 NETWORK = "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
@@ -51,6 +52,25 @@ SSH_KEYGEN = (
     "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\n"
     "ExecStartPre=/usr/sbin/sshd -t\n"
 )
+
+
+DATASOURCES_CFG = Path("etc/cloud/cloud.cfg.d/91-factory-datasources.cfg")
+
+
+def datasources_cfg(names: Iterable[str]) -> str:
+    """cloud-init's datasource_list, in a file named after diskimage-builder's: read after
+    the package's 90_dpkg.cfg (every datasource), so it wins."""
+    return f"# [image] cloud_init of the factory matrix\ndatasource_list: [ {', '.join(names)} ]\n"
+
+
+def _cloud_init(tree: Path, datasources: tuple[str, ...]) -> None:
+    if not datasources:
+        return
+    if not (tree / "etc/cloud").is_dir():
+        raise StageError("cloud_init is set but the tree has no /etc/cloud (no cloud-init package)")
+    (tree / DATASOURCES_CFG).parent.mkdir(parents=True, exist_ok=True)
+    (tree / DATASOURCES_CFG).write_text(datasources_cfg(datasources))
+    (tree / DATASOURCES_CFG).chmod(0o644)
 
 
 @dataclass(frozen=True)
@@ -218,6 +238,15 @@ def _identity(tree: Path) -> None:
         *tree.glob("etc/udev/rules.d/70-persistent-*.rules"),
     ]:
         path.unlink(missing_ok=True)
+    # cloud-init's instance state (what the build's chroot left, if anything): a VM that
+    # finds none runs its first boot with its own instance-id.
+    cloud = tree / "var/lib/cloud"
+    if cloud.is_dir() and not cloud.is_symlink():
+        for path in cloud.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     if (tree / "usr/sbin/sshd").exists():
         dropin = tree / "etc/systemd/system/ssh.service.d"
         dropin.mkdir(parents=True, exist_ok=True)
@@ -337,6 +366,7 @@ async def run(ctx: Context) -> Output:
                 await proc.run(["cp", "-a", "--reflink=auto", f"{source}/.", tree])
                 _bootloader(tree, p)
                 await _in_chroot(ctx, p, family, tree)
+                _cloud_init(tree, p.datasources)
                 _identity(tree)
                 manifest = await family.manifest(tree)
                 (tree / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
