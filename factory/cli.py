@@ -248,6 +248,14 @@ def boot(
             help="also wait for a console line holding TEXT (may be given more than once)",
         ),
     ] = None,
+    write: Annotated[
+        bool,
+        typer.Option(
+            "--write",
+            help="boot IMAGE itself, not a snapshot: what the guest writes stays, as on a "
+            "cloud's instance disk (boot an overlay, qemu-img create -b, to keep IMAGE)",
+        ),
+    ] = False,
     cache: CacheOpt = DEFAULT_CACHE,
 ) -> None:
     """Boot IMAGE in QEMU and wait for its login prompt (exit 0), or fail with the
@@ -308,6 +316,7 @@ def boot(
                 user_data=user_data,
                 instance_id=instance_id,
                 wait_for=waits,
+                write=write,
             )
 
     with tempfile.TemporaryDirectory(prefix="factory-boot-") as work:

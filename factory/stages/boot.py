@@ -1,9 +1,10 @@
 """boot: start a disk image in QEMU and wait for the guest's login prompt.
 
 The guest's own words on the serial console decide, never a guess from timing. The
-image is opened with -snapshot, so booting never changes it. With user-data the guest
-gets a NoCloud seed as a second drive: a FAT volume labelled CIDATA, made in a file by
-mkfs.vfat and mtools (no loop device, no mount), removed with the boot's work folder.
+image is opened with -snapshot, so booting never changes it (unless asked: --write).
+With user-data the guest gets a NoCloud seed as a second drive: a FAT volume labelled
+CIDATA, made in a file by mkfs.vfat and mtools (no loop device, no mount), removed with
+the boot's work folder.
 """
 
 from __future__ import annotations
@@ -141,15 +142,18 @@ def qemu_args(
     vars_copy: Path | None,
     accel: str = "tcg",
     seed: Path | None = None,
+    snapshot: bool = True,
 ) -> list[str]:
-    """The whole QEMU command: the console on stdout, the image read-only (-snapshot),
-    no network (nothing leaves the machine). With a NoCloud seed (a second virtio disk)
+    """The whole QEMU command: the console on stdout, the image read-only (-snapshot;
+    without it, what the guest writes stays, as on a cloud's instance disk), no network
+    (nothing leaves the machine). With a NoCloud seed (a second virtio disk)
     the guest gets a NIC on QEMU's user network with restrict=on: DHCP from QEMU itself
     and nothing beyond, as a cloud VM has a NIC; without any, cloud-init's units wait for
     network-online.target, and systemd-networkd-wait-online gives up only after 2 min."""
     a = arches.get(arch)
     nic = ["user,restrict=on,model=virtio-net-pci"] if seed is not None else ["none"]
-    common = ["-smp", "2", "-monitor", "none", "-serial", "stdio", "-snapshot", "-nic", *nic,
+    common = ["-smp", "2", "-monitor", "none", "-serial", "stdio",
+              *(["-snapshot"] if snapshot else []), "-nic", *nic,
               "-drive", f"file={image},format={fmt},if=virtio"]  # fmt: skip
     if seed is not None:
         common += ["-drive", f"file={seed},format=raw,if=virtio"]
@@ -222,17 +226,22 @@ async def boot_image(
     user_data: bytes | None = None,
     instance_id: str | None = None,
     wait_for: tuple[str, ...] = (),
+    write: bool = False,
 ) -> float:
     """Boot until a login prompt and a console line matching each of `wait_for` (regexes,
     in any order); returns the seconds it took. Raises StageError if one does not come.
     `verdicts` keeps whether KVM works on this host (see choose_accel). `user_data` goes
-    to cloud-init on a NoCloud seed with `instance_id` (default: from the user-data)."""
+    to cloud-init on a NoCloud seed with `instance_id` (default: from the user-data).
+    `write` boots the image itself, not a snapshot: QEMU, stopped by SIGTERM, flushes
+    what the guest wrote (its own page cache is the guest's to sync)."""
     check_tools(arch, firmware)
     async with contextlib.AsyncExitStack() as stack:
         seed = None
         if user_data is not None:
             seed = await stack.enter_async_context(nocloud_seed(work, user_data, instance_id))
-        return await _boot(image, fmt, arch, firmware, timeout, work, verdicts, say, seed, wait_for)
+        return await _boot(
+            image, fmt, arch, firmware, timeout, work, verdicts, say, seed, wait_for, write
+        )
 
 
 async def _boot(
@@ -246,6 +255,7 @@ async def _boot(
     say: Callable[[str], None],
     seed: Path | None,
     wait_for: tuple[str, ...],
+    write: bool,
 ) -> float:
     vars_copy = None
     if firmware != "bios":
@@ -261,7 +271,7 @@ async def _boot(
         started = time.monotonic()
         # A panic line matches every pattern at once: the wait ends there.
         booted = await proc.run(
-            qemu_args(image, fmt, arch, firmware, vars_copy, accel, seed),
+            qemu_args(image, fmt, arch, firmware, vars_copy, accel, seed, snapshot=not write),
             until=tuple(f"(?:{u})|{PANIC}" for u in (LOGIN, *wait_for)),
             timeout=timeout,
         )
