@@ -35,14 +35,15 @@ _END = {
 
 
 class _Left(ProgressColumn):
-    """Time left, where a bar has a total to go by (rich's estimate from its speed)."""
+    """Time left (`~M:SS`), where a bar has a total to go by (rich's estimate from its
+    speed so far)."""
 
     def render(self, task: Task) -> Text:
         left = task.time_remaining
         if task.total is None or left is None or task.finished:
             return Text("")
         minutes, seconds = divmod(int(left), 60)
-        return Text(f"~{minutes}:{seconds:02d} left", style="progress.remaining")
+        return Text(f"~{minutes}:{seconds:02d}", style="progress.remaining")
 
 
 class RichSink:
