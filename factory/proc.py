@@ -190,19 +190,13 @@ current_meter: ContextVar[Meter | None] = ContextVar("current_meter", default=No
 
 @contextlib.contextmanager
 def metering(meter: Meter | None) -> Iterator[Meter | None]:
-    """Send the fractions of every `run()` (and `report()`) in this task to `meter`."""
+    """Send the fractions of every `run()` in this task to `meter` (a stage's own work,
+    such as hashing, takes it from `current_meter`)."""
     token = current_meter.set(meter)
     try:
         yield meter
     finally:
         current_meter.reset(token)
-
-
-def report(done: float, total: float) -> None:
-    """How far the current job is (a stage's own work: bytes hashed, files copied)."""
-    meter = current_meter.get()
-    if meter is not None:
-        meter(done, total)
 
 
 @contextlib.contextmanager

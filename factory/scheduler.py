@@ -198,7 +198,7 @@ class Scheduler:
         job = run.job
         run.host, run.started = executor.host, time.time()
         self._emit("start", run)
-        # A job's fractions (proc.report, a command's progress parser) as progress events
+        # A job's fractions (a command's progress parser, a checksum's bytes) as progress events
         # without a message: data done and total, a few a second at most.
         meter = Meter(lambda done, total: self._emit("progress", run, "", done=done, total=total))
         with logging_to(self.log_path(job)) as log, metering(meter):
