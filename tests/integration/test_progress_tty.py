@@ -64,6 +64,9 @@ async def tmux_running(command: str, width: int = 160, height: int = 50) -> Asyn
                             break
                         await anyio.sleep(0.5)
             await term.tmux("kill-server", check=False)
+            # tmux leaves its socket behind
+            tmpdir = Path(os.environ.get("TMUX_TMPDIR", "/tmp"))
+            (tmpdir / f"tmux-{os.getuid()}" / term.socket).unlink(missing_ok=True)
 
 
 def matrix(tmp_path: Path) -> Path:
