@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Literal, TextIO
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 EventKind = Literal[
-    "run-start",  # data: matrix, jobs
+    "run-start",  # data: matrix, jobs, costs (job id: estimated seconds)
     "start",  # a job began
-    "progress",  # message: what the job is doing now
+    "progress",  # message: what the job is doing now; or no message and data: done, total
     "done",  # a job finished
     "failed",  # message: the error; data: tail
     "skipped",  # a dependency failed or the run was cancelled before it began
@@ -117,13 +117,37 @@ def _describe(event: Event) -> str:
     return f"{text}: {event.message}" if event.message else text
 
 
+def fraction(event: Event) -> float | None:
+    """How far a job is, from a progress event with data done and total (0 to 1)."""
+    done, total = event.data.get("done"), event.data.get("total")
+    if event.kind != "progress" or not isinstance(done, int | float):
+        return None
+    if not isinstance(total, int | float) or total <= 0:
+        return None
+    return min(1.0, max(0.0, done / total))
+
+
+PLAIN_FRACTION_EVERY = 10.0  # seconds: a plain log gets a job's percentage this often at most
+
+
 class PlainSink:
-    """One line per event: for logs, pipes and CI."""
+    """One line per event: for logs, pipes and CI. A job's fractions come a few a second;
+    one line per PLAIN_FRACTION_EVERY seconds of them is enough for a log."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
+        self._said: dict[str | None, float] = {}
 
     def __call__(self, event: Event) -> None:
+        part = fraction(event)
+        if part is not None:
+            if event.time - self._said.get(event.job, -PLAIN_FRACTION_EVERY) < PLAIN_FRACTION_EVERY:
+                return
+            self._said[event.job] = event.time
+            event = Event(
+                "progress", event.job, event.job_kind, event.cell, event.host,
+                f"{part:.0%}", time=event.time,
+            )  # fmt: skip
         stamp = time.strftime("%H:%M:%S", time.localtime(event.time))
         print(f"{stamp} {_describe(event)}", file=self.stream, flush=True)
 

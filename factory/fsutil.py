@@ -12,6 +12,8 @@ import contextlib
 import errno
 import hashlib
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiofiles
@@ -88,18 +90,38 @@ async def write_if_changed_async(path: Path, data: str | bytes) -> bool:
     return True
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 of a file, read here (in a worker thread already, or a small file)."""
+def sha256_of(path: Path, report: Callable[[int, int], None] | None = None) -> str:
+    """sha256 of a file, read here (in a worker thread already, or a small file);
+    `report(bytes hashed, size)` after each chunk."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
+        total, done = os.fstat(fh.fileno()).st_size, 0
         while chunk := fh.read(4 * 1024 * 1024):
             h.update(chunk)
+            done += len(chunk)
+            if report is not None:
+                report(done, total)
     return h.hexdigest()
 
 
-async def sha256_file(path: Path) -> str:
-    """sha256 of a file, in a worker thread (hashing a disk image takes seconds)."""
-    return await anyio.to_thread.run_sync(sha256_of, path, abandon_on_cancel=True)
+REPORT_EVERY = 0.25  # seconds between two hops to the event loop with a checksum's progress
+
+
+async def sha256_file(path: Path, meter: Callable[[float, float], None] | None = None) -> str:
+    """sha256 of a file, in a worker thread (hashing a disk image takes seconds); with
+    `meter` (the job's proc.Meter, called in the event loop), how far it is, by bytes."""
+    if meter is None:
+        return await anyio.to_thread.run_sync(sha256_of, path, abandon_on_cancel=True)
+    last = 0.0
+
+    def report(done: int, total: int) -> None:  # in the worker thread
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= REPORT_EVERY:
+            last = now
+            anyio.from_thread.run_sync(meter, float(done), float(total))
+
+    return await anyio.to_thread.run_sync(sha256_of, path, report, abandon_on_cancel=True)
 
 
 def data_extents(path: Path, merge_gap: int = 1024 * 1024) -> list[tuple[int, int]]:

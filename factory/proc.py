@@ -4,11 +4,18 @@ Every command goes through `run()`: it is written to the current job's log with 
 output, a failure raises `CommandError` carrying the exit code and the last lines of
 stderr, and cancellation (Ctrl-C, a failed sibling, a timeout) kills the command's whole
 process group before `run()` returns, so no child outlives the job that started it.
+
+A command that reports how far it is (qemu-img -p, mksquashfs's bar, mmdebstrap's phases,
+tar's checkpoints) is given a parser (`progress=`): each line or carriage-return chunk of
+its output goes through it, and the fractions it finds go to the job's `Meter`, which
+passes at most a few a second on as events. The redraws a parser reads are not logged:
+a progress bar would fill the log with hundreds of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shlex
@@ -150,6 +157,47 @@ def _encode(lines: Iterable[str]) -> bytes:
 
 current_log: ContextVar[JobLog | None] = ContextVar("current_log", default=None)
 
+# A parser reads one line or \r-chunk of a command's output: (done, total) or None.
+Parser = Callable[[str], "tuple[float, float] | None"]
+PROGRESS_EVERY = 0.5  # seconds between two fractions a job passes on: plain logs stay short
+
+
+class Meter:
+    """How far the current job is, passed on to `emit(done, total)` at most every
+    PROGRESS_EVERY seconds (the last of a burst is dropped: the next one or the job's end
+    says more). Callable from the event loop only; a worker thread reports through
+    anyio.from_thread."""
+
+    def __init__(self, emit: Callable[[float, float], None], every: float = PROGRESS_EVERY):
+        self.emit = emit
+        self.every = every
+        self._last = -math.inf
+        self._seen: tuple[float, float] | None = None
+
+    def __call__(self, done: float, total: float) -> None:
+        if total <= 0 or not math.isfinite(done) or not math.isfinite(total):
+            return
+        now = time.monotonic()
+        seen = (float(done), float(total))
+        if now - self._last < self.every or seen == self._seen:
+            return
+        self._last, self._seen = now, seen
+        self.emit(*seen)
+
+
+current_meter: ContextVar[Meter | None] = ContextVar("current_meter", default=None)
+
+
+@contextlib.contextmanager
+def metering(meter: Meter | None) -> Iterator[Meter | None]:
+    """Send the fractions of every `run()` in this task to `meter` (a stage's own work,
+    such as hashing, takes it from `current_meter`)."""
+    token = current_meter.set(meter)
+    try:
+        yield meter
+    finally:
+        current_meter.reset(token)
+
 
 @contextlib.contextmanager
 def logging_to(path: Path) -> Iterator[JobLog]:
@@ -171,6 +219,26 @@ def note(text: str) -> None:
         log.write(f"# {text}")
 
 
+_PIECE = re.compile(rb"([\r\n])")
+
+
+def _measured(pending: bytes, progress: Parser, meter: Meter | None) -> tuple[list[str], bytes]:
+    """The lines to log from `pending` and what is left of it (no end yet). Each piece
+    ended by \r or \n goes through the progress parser and its fraction to the meter. A
+    piece ended by \r is a redraw: logged only if the parser did not read it; one ended
+    by \n is logged (a tool's last word, mmdebstrap's phases stay in the log)."""
+    *parts, rest = _PIECE.split(pending)
+    kept = []
+    for raw, end in zip(parts[::2], parts[1::2], strict=True):
+        piece = raw.decode(errors="replace")
+        found = progress(piece)
+        if found is not None and meter is not None:
+            meter(*found)
+        if piece.strip() and (end == b"\n" or found is None):
+            kept.append(piece)
+    return kept, rest
+
+
 async def _drain(
     stream: ByteReceiveStream | None,
     log: JobLog | None,
@@ -178,10 +246,13 @@ async def _drain(
     keep: bytearray | None,
     until: list[re.Pattern[str]] | None = None,
     found: Callable[[], None] | None = None,
+    progress: Parser | None = None,
+    meter: Meter | None = None,
 ) -> None:
     """Read a pipe to its end: kept bytes (`keep`), or lines to the log and the tail;
     calls `found` and stops once every pattern of `until` has matched a line (in any
-    order: a guest's login prompt and a service's message race each other)."""
+    order: a guest's login prompt and a service's message race each other). With
+    `progress`, the parser reads each \r-chunk (see `_measured`)."""
     if stream is None:
         return
     pending = b""
@@ -189,8 +260,11 @@ async def _drain(
         if keep is not None:
             keep.extend(chunk)
         pending += chunk
-        *lines, pending = pending.split(b"\n")
-        texts = [raw.decode(errors="replace").rstrip("\r") for raw in lines]
+        if progress is not None:
+            texts, pending = _measured(pending, progress, meter)
+        else:
+            *lines, pending = pending.split(b"\n")
+            texts = [raw.decode(errors="replace").rstrip("\r") for raw in lines]
         if keep is None:
             await _record(texts, log, tail)
         if until is not None and found is not None:
@@ -202,7 +276,10 @@ async def _drain(
                 found()
                 return
     if pending and keep is None:
-        await _record([pending.decode(errors="replace")], log, tail)
+        texts = [pending.decode(errors="replace")]
+        if progress is not None:
+            texts, _ = _measured(pending + b"\n", progress, meter)
+        await _record(texts, log, tail)
 
 
 async def _record(lines: list[str], log: JobLog | None, tail: deque[str] | None) -> None:
@@ -239,6 +316,7 @@ async def run(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     until: str | Sequence[str] | None = None,
+    progress: Parser | None = None,
 ) -> Completed:
     """Run a command to completion.
 
@@ -251,6 +329,9 @@ async def run(
     several, each of them has matched a line); then it is stopped and `matched` is set
     (for programs that never exit, such as a booting VM).
     A command that exits before a match is an error however it exits.
+
+    With `progress`, every line and \r-chunk of stdout and stderr goes through that parser;
+    the fractions it finds go to the current job's meter (see `metering`).
     """
     args = [os.fspath(a) for a in argv]
     log = current_log.get()
@@ -263,6 +344,7 @@ async def run(
     wanted = [until] if isinstance(until, str) else list(until or ())
     pattern = [re.compile(u) for u in wanted] if until is not None else None
     matched = False
+    meter = current_meter.get() if progress is not None else None
     # Shielded: a cancel arriving while the pipes connect would otherwise kill only the
     # leader and leave its children running; it is taken at the first await below.
     with anyio.CancelScope(shield=True):
@@ -288,9 +370,17 @@ async def run(
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(
-                    _drain, process.stdout, log, None if capture else tail, out, pattern, found
+                    _drain,
+                    process.stdout,
+                    log,
+                    None if capture else tail,
+                    out,
+                    pattern,
+                    found,
+                    progress,
+                    meter,
                 )
-                tg.start_soon(_drain, process.stderr, log, tail, None)
+                tg.start_soon(_drain, process.stderr, log, tail, None, None, None, progress, meter)
                 if input is not None and process.stdin is not None:
                     await process.stdin.send(input)
                     await process.stdin.aclose()

@@ -28,7 +28,7 @@ from factory.results import StageError
 from factory.routing import router
 from factory.scheduler import JobRun, Scheduler
 from factory.spec import Matrix, MatrixError, check_credentials
-from factory.stages import Workspace
+from factory.stages import Workspace, registry
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -281,7 +281,14 @@ async def _schedule(
         bus.emit(
             Event(
                 "run-start",
-                data={"matrix": matrix.name, "jobs": len(plan.jobs), "out": str(opts.out)},
+                data={
+                    "matrix": matrix.name,
+                    "jobs": len(plan.jobs),
+                    "out": str(opts.out),
+                    # What each job is expected to take (the scheduler's ranks add these):
+                    # the progress display weighs what is left by them.
+                    "costs": {j.id: registry.cost(j.kind, j.params) for j in plan.jobs},
+                },
             )
         )
         async with router(matrix, local, plan) as route:

@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 
 from factory.events import Bus, Event, EventKind
 from factory.plan import Job, Plan
-from factory.proc import CommandError, logging_to
+from factory.proc import CommandError, Meter, logging_to, metering
 from factory.results import Output, StageError
 from factory.stages import registry
 
@@ -198,7 +198,10 @@ class Scheduler:
         job = run.job
         run.host, run.started = executor.host, time.time()
         self._emit("start", run)
-        with logging_to(self.log_path(job)) as log:
+        # A job's fractions (a command's progress parser, a checksum's bytes) as progress events
+        # without a message: data done and total, a few a second at most.
+        meter = Meter(lambda done, total: self._emit("progress", run, "", done=done, total=total))
+        with logging_to(self.log_path(job)) as log, metering(meter):
             try:
                 run.output = await executor.run(
                     job, inputs, lambda msg: self._emit("progress", run, msg)

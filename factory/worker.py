@@ -30,7 +30,7 @@ from typing import TextIO
 import aiofiles
 import anyio
 
-from factory import __version__, state
+from factory import __version__, proc, state
 from factory.cache import opened, remove_tree
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
@@ -116,7 +116,8 @@ class Gated:
         out = await self.local.run(job, inputs, emit)
         if job.id in self.fetch and out.path is not None and out.path.is_file():
             emit("checksumming")
-            size, digest = out.path.stat().st_size, await sha256_file(out.path)
+            size = out.path.stat().st_size
+            digest = await sha256_file(out.path, proc.current_meter.get())
             extents = data_extents(out.path)  # the controller reads these, not the holes
             remote = RemoteFile(path=str(out.path), size=size, sha256=digest, extents=extents)
             out = Output(out.path, {**out.info, "remote": remote.model_dump(mode="json")})

@@ -71,6 +71,10 @@ class Family(Protocol):
         the archive's Release files it used in `lists`."""
         ...
 
+    def bootstrap_progress(self, line: str) -> tuple[float, float] | None:
+        """How far the bootstrap is from a line of its output (a proc.Parser), or None."""
+        ...
+
     def explain_bootstrap(self, tail: Iterable[str], arch: str) -> str | None:
         """A failed bootstrap's last lines as one line with the fix, if known."""
         ...

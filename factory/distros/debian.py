@@ -312,6 +312,30 @@ def mmdebstrap_args(
     ]
 
 
+# mmdebstrap's phases (its `I:` lines, 1.3) and the share of a build done when each
+# begins. Its own bars (apt's downloads by Status-Fd, dpkg's by status-fd) are drawn only
+# on a terminal and --verbose would put all of apt's and dpkg's output in the log; these
+# lines come at every verbosity, in this order. The shares are rough (an amd64 tree, ~100 s:
+# installing the packages in the chroot takes the longest).
+MMDEBSTRAP_PHASES = (
+    ("I: running apt-get update", 0.02),
+    ("I: downloading packages", 0.10),
+    ("I: extracting archives", 0.30),
+    ("I: installing essential packages", 0.35),
+    ("I: installing remaining packages", 0.50),
+    ("I: running --customize-hook", 0.95),
+    ("I: cleaning package lists", 0.98),
+)
+
+
+def mmdebstrap_progress(line: str) -> tuple[float, float] | None:
+    """The share of the build done when mmdebstrap enters the phase `line` starts."""
+    for start, share in MMDEBSTRAP_PHASES:
+        if line.startswith(start):
+            return share, 1.0
+    return None
+
+
 _INDEX_FAIL = re.compile(
     r"(?:Failed to fetch|Hash Sum mismatch|File has unexpected size).*?"
     r"dists/(?P<suite>[\w.-]+)/"
@@ -459,6 +483,7 @@ class Debian:
     package_problem = staticmethod(package_problem)
     packages = staticmethod(packages_for)
     bootstrap_args = staticmethod(mmdebstrap_args)
+    bootstrap_progress = staticmethod(mmdebstrap_progress)
     explain_bootstrap = staticmethod(explain)
     configure_initramfs = staticmethod(write_initramfs_config)
     manifest = staticmethod(dpkg_manifest)

@@ -186,6 +186,21 @@ class Record:
     output: Output | None = None  # local sessions: the real output
 
 
+def _listener(emit: Callable[[str], None], meter: proc.Meter | None) -> Callable[[Event], None]:
+    """What a worker's progress event of a job becomes here: its message, or its fraction
+    for this job's meter (the worker's data, so only numbers are taken)."""
+
+    def listen(event: Event) -> None:
+        done, total = event.data.get("done"), event.data.get("total")
+        if isinstance(done, int | float) and isinstance(total, int | float):
+            if meter is not None:
+                meter(float(done), float(total))
+        elif event.message:
+            emit(event.message)
+
+    return listen
+
+
 class Session:
     """One attempt at (part of) a cell, on a host or here; jobs wait on it for their end."""
 
@@ -197,7 +212,7 @@ class Session:
         self.ids = {j.id for j in plan.jobs}
         self.results: dict[str, Record] = {}
         self.ended = {jid: anyio.Event() for jid in self.ids}
-        self.listeners: dict[str, Callable[[str], None]] = {}
+        self.listeners: dict[str, Callable[[Event], None]] = {}
         self.reason: str | None = None  # set when the session is over
         self.closing = anyio.Event()
 
@@ -215,7 +230,7 @@ class Session:
         if event.kind == "progress":
             listen = self.listeners.get(jid)
             if listen is not None:
-                listen(event.message)
+                listen(event)
         elif event.kind in ("done", "failed") and jid not in self.results:
             # Not "skipped"/"cancelled": the controller skips dependents itself, and a worker
             # that stops before its jobs end is a lost host (the session's end), not a failure.
@@ -716,7 +731,7 @@ class CellRun:
         if isinstance(session, RemoteSession) and job.kind == "publish":
             (dep,) = job.deps
             return await self._fetch(session, job, await session.result(dep), emit)
-        session.listeners[job.id] = emit
+        session.listeners[job.id] = _listener(emit, proc.current_meter.get())
         try:
             session.go(job.id)
             record = await session.result(job.id)

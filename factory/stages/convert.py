@@ -210,6 +210,16 @@ def vhd_util_steps(work: Path, dest: Path, subformat: str) -> list[list[str]]:
     return steps
 
 
+_QEMU_IMG_PROGRESS = re.compile(r"\s*\((\d+(?:\.\d+)?)/100%\)\s*")
+
+
+def qemu_img_progress(text: str) -> tuple[float, float] | None:
+    """qemu-img convert -p's redraws, `    (12.34/100%)` each ended by \r, on stdout.
+    -p changes what it prints, not what it writes."""
+    m = _QEMU_IMG_PROGRESS.fullmatch(text)
+    return (float(m[1]), 100.0) if m else None
+
+
 def cpu_budget(ctx: Context) -> int:
     """Threads this job's tool may use: the run's --jobs, at most the cores."""
     return formats.threads(ctx.ws.cpus, _cores())
@@ -253,7 +263,10 @@ async def run(ctx: Context) -> Output:
             args = convert_args(
                 fmt.name, p.compression, p.vhd_subformat, cpu_budget(ctx), p.options
             )
-            await proc.run(["qemu-img", "convert", "-q", "-f", "raw", *args, raw, tmp])
+            await proc.run(
+                ["qemu-img", "convert", "-p", "-f", "raw", *args, raw, tmp],
+                progress=qemu_img_progress,
+            )
             make_reproducible(tmp, fmt.qemu or fmt.name, p.epoch, ctx.job.key)
         await verify_disk(tmp, fmt.qemu or fmt.name, virtual)
         os.replace(tmp, dest)

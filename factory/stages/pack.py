@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from factory import arches, formats, proc
 from factory.fsutil import aside, sha256_file
@@ -63,6 +67,62 @@ def tar_tree(tree: Path, dest: Path, epoch: int, *extra: str) -> list[str]:
     return [*TAR, *tar_repro(epoch), *extra, "-C", os.fspath(tree), "-cf", os.fspath(dest), "."]
 
 
+TAR_RECORD = 10240  # GNU tar's default record: 20 blocks of 512 bytes
+TAR_CHECKPOINT = 1024  # records between two checkpoints: 10 MiB of tar
+# A checkpoint on stderr as `tar: #N`, ended by \r so the log skips it (see proc._measured).
+# It only prints: the archive is the same with it.
+TAR_PROGRESS = [f"--checkpoint={TAR_CHECKPOINT}", "--checkpoint-action=echo=#%u\\r"]
+_TAR_CHECKPOINT = re.compile(r"tar: #(\d+)")
+
+
+def tar_size(tree: Path) -> int:
+    """About what tar writes for `tree` (before compression): a header per name (and one
+    more for the pax records of the ones with xattrs or long names: counted for all) and
+    each file's data in blocks, hard links once, sparse files by the blocks they hold."""
+    total, seen = 1024, set()  # the two zero blocks at the end
+    for top, dirs, names in os.walk(tree):
+        for name in (*dirs, *names):
+            st = os.lstat(os.path.join(top, name))
+            total += 1024
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += -(-min(st.st_size, st.st_blocks * 512) // 512) * 512
+    return total
+
+
+def tar_progress(total: int) -> proc.Parser:
+    """A parser of TAR_PROGRESS's checkpoints: tar's bytes written against `total`."""
+
+    def parse(text: str) -> tuple[float, float] | None:
+        m = _TAR_CHECKPOINT.fullmatch(text)
+        if m is None:
+            return None
+        return float(min(int(m[1]) * TAR_CHECKPOINT * TAR_RECORD, total)), float(total)
+
+    return parse
+
+
+async def metered_tar(argv: Sequence[proc.Arg], tree: Path) -> None:
+    """tar (`argv[0]`) over `tree`, its fraction from its checkpoints against the tree's
+    size."""
+    total = await anyio.to_thread.run_sync(tar_size, tree, abandon_on_cancel=True)
+    await proc.run([argv[0], *TAR_PROGRESS, *argv[1:]], progress=tar_progress(total))
+
+
+_SQUASHFS_BAR = re.compile(r".*\]\s+(\d+)/(\d+)\s+\d+%\s*")
+
+
+def mksquashfs_progress(text: str) -> tuple[float, float] | None:
+    """mksquashfs's bar, `[===-   ] 400/9736   4%` redrawn after \r on stdout (also
+    through a pipe; -quiet keeps it, -no-progress would not): blocks done of all."""
+    m = _SQUASHFS_BAR.fullmatch(text)
+    return (float(m[1]), float(m[2])) if m and int(m[2]) > 0 else None
+
+
 def gzip_program(threads: int, level: int | None = formats.get("tgz").level) -> str:
     """tar's compressor for tgz: pigz (gzip's format, faster per CPU second than gzip
     itself, and on every core the job may use) at a cheap level. -n: no name and no time
@@ -85,8 +145,7 @@ def mksquashfs_args(tree: Path, dest: Path, threads: int) -> list[str]:
         os.fspath(tree),
         os.fspath(dest),
         "-noappend",
-        "-quiet",
-        "-no-progress",
+        "-quiet",  # its bar stays: mksquashfs_progress reads it
         "-comp",
         "zstd",
         "-Xcompression-level",
@@ -119,12 +178,12 @@ def _own_file(path: Path, mode: int) -> None:
 
 
 async def _tar(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
-    await proc.run(tar_tree(tree, dest, _epoch(ctx)))
+    await metered_tar(tar_tree(tree, dest, _epoch(ctx)), tree)
 
 
 async def _tgz(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
     gzip = f"--use-compress-program={gzip_program(cpu_budget(ctx))}"
-    await proc.run(tar_tree(tree, dest, _epoch(ctx), gzip))
+    await metered_tar(tar_tree(tree, dest, _epoch(ctx), gzip), tree)
 
 
 async def has_acls(tree: Path) -> bool:
@@ -145,7 +204,11 @@ async def _squashfs(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
         proc.note(f"warning: {SQUASHFS_ACL_WARNING}")
         ctx.emit(f"warning: {SQUASHFS_ACL_WARNING}")
         made.warnings.append(SQUASHFS_ACL_WARNING)
-    await proc.run(mksquashfs_args(tree, dest, cpu_budget(ctx)), env=mksquashfs_env(_epoch(ctx)))
+    await proc.run(
+        mksquashfs_args(tree, dest, cpu_budget(ctx)),
+        env=mksquashfs_env(_epoch(ctx)),
+        progress=mksquashfs_progress,
+    )
 
 
 def aci_manifest(name: str, arch: str) -> dict[str, object]:
@@ -170,7 +233,7 @@ async def _aci(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
     manifest = staging / "manifest"
     manifest.write_text(json.dumps(aci_manifest(p.image_name, p.arch)))
     _own_file(manifest, 0o644)
-    await proc.run(
+    await metered_tar(
         [
             *TAR,
             *tar_repro(_epoch(ctx)),
@@ -183,7 +246,8 @@ async def _aci(ctx: Context, tree: Path, dest: Path, made: _Made) -> None:
             tree,
             "--transform=s,^\\.,rootfs,",
             ".",
-        ]
+        ],
+        tree,
     )
 
 

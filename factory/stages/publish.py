@@ -74,7 +74,7 @@ async def run(ctx: Context) -> Output:
     digest = src_out.info.get("sha256")
     if digest is None:
         ctx.emit("checksumming")
-        digest = await sha256_file(src)
+        digest = await sha256_file(src, proc.current_meter.get())
     tmp = aside(dest)
     try:
         # The same inode under a new name: its bytes cannot change, so hashing it once is

@@ -137,7 +137,11 @@ async def run(ctx: Context) -> Output:
             )
             ctx.emit(args[0])
             try:
-                await proc.run(args, env=repro.source_date_env(p.epoch))
+                await proc.run(
+                    args,
+                    env=repro.source_date_env(p.epoch),
+                    progress=family.bootstrap_progress,
+                )
             except CommandError as exc:
                 raise StageError(explain(exc, family, p.arch)) from exc
             check_archive(p.archive, lists)
