@@ -266,13 +266,7 @@ def boot(
     from factory import probe
     from factory.proc import JobLog, logging_to
     from factory.results import StageError
-    from factory.stages.boot import (
-        CLOUD_INIT_DONE,
-        KVM_VERDICTS,
-        boot_image,
-        check_instance_id,
-        detect_format,
-    )
+    from factory.stages.boot import KVM_VERDICTS, boot_image, check_instance_id, detect_format
 
     if not image.is_file():
         raise fail_usage(f"{image}: not a file (give a disk image)")
@@ -290,8 +284,6 @@ def boot(
         except StageError as exc:
             raise fail_usage(f"--instance-id: {exc}") from None
     waits = tuple(re.escape(t) for t in wait_for or ())
-    if user_data is not None:
-        waits += (CLOUD_INIT_DONE,)
 
     def say(text: str) -> None:
         print(f"boot: {text}", file=sys.stderr)

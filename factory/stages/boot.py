@@ -77,15 +77,21 @@ def meta_data(instance_id: str, hostname: str = SEED_HOSTNAME) -> str:
     return f"instance-id: {json.dumps(instance_id)}\nlocal-hostname: {json.dumps(hostname)}\n"
 
 
+def _seed_tool(tool: str, package: str) -> str:
+    """Where a seed's tool is: on PATH, or in /usr/sbin (mkfs.vfat, for a user's PATH)."""
+    found = shutil.which(tool) or shutil.which(tool, path="/usr/sbin")
+    if found is None:
+        raise StageError(f"{tool} not found (a NoCloud seed needs it): install {package}")
+    return found
+
+
 @contextlib.asynccontextmanager
 async def nocloud_seed(
     work: Path, user_data: bytes, instance_id: str | None = None
 ) -> AsyncIterator[Path]:
     """A NoCloud seed (vfat labelled CIDATA holding user-data and meta-data) in a file of
     its own under `work`, removed on the way out however the boot ends."""
-    for tool, package in (("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).is_file():
-            raise StageError(f"{tool} not found (a NoCloud seed needs it): install {package}")
+    mkfs, mcopy = (_seed_tool(t, p) for t, p in (("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")))
     iid = check_instance_id(instance_id or instance_id_of(user_data))
     folder = Path(tempfile.mkdtemp(prefix="nocloud.", dir=work))
     try:
@@ -93,10 +99,9 @@ async def nocloud_seed(
         (folder / "meta-data").write_text(meta_data(iid))
         seed = folder / "seed.img"
         kib = max(2048, 2 * (len(user_data) // 1024) + 1024)  # room for FAT and both files
-        mkfs = shutil.which("mkfs.vfat") or "/usr/sbin/mkfs.vfat"
         await proc.run([mkfs, "-n", "CIDATA", "-C", seed, str(kib)])
         await proc.run(
-            ["mcopy", "-i", seed, folder / "user-data", folder / "meta-data", "::"],
+            [mcopy, "-i", seed, folder / "user-data", folder / "meta-data", "::"],
             env={"MTOOLS_SKIP_CHECK": "1"},
         )
         yield seed
@@ -231,61 +236,50 @@ async def boot_image(
     """Boot until a login prompt and a console line matching each of `wait_for` (regexes,
     in any order); returns the seconds it took. Raises StageError if one does not come.
     `verdicts` keeps whether KVM works on this host (see choose_accel). `user_data` goes
-    to cloud-init on a NoCloud seed with `instance_id` (default: from the user-data).
+    to cloud-init on a NoCloud seed with `instance_id` (default: from the user-data), and
+    the boot waits for cloud-init's last words too.
     `write` boots the image itself, not a snapshot: QEMU, stopped by SIGTERM, flushes
     what the guest wrote (its own page cache is the guest's to sync)."""
     check_tools(arch, firmware)
-    async with contextlib.AsyncExitStack() as stack:
-        seed = None
-        if user_data is not None:
-            seed = await stack.enter_async_context(nocloud_seed(work, user_data, instance_id))
-        return await _boot(
-            image, fmt, arch, firmware, timeout, work, verdicts, say, seed, wait_for, write
-        )
-
-
-async def _boot(
-    image: Path,
-    fmt: str,
-    arch: str,
-    firmware: str,
-    timeout: float,
-    work: Path,
-    verdicts: Path | None,
-    say: Callable[[str], None],
-    seed: Path | None,
-    wait_for: tuple[str, ...],
-    write: bool,
-) -> float:
-    vars_copy = None
-    if firmware != "bios":
-        # The firmware writes its variables: each boot gets its own copy.
-        fd, name = tempfile.mkstemp(prefix="UEFI_VARS.", suffix=".fd", dir=work)
-        os.close(fd)
-        vars_copy = Path(name)
-        shutil.copyfile(arches.get(arch).uefi[firmware][1], vars_copy)  # type: ignore[index]
-    what = " and ".join(["a login prompt", *(repr(w) for w in wait_for)])
-    try:
-        args = qemu_args(image, fmt, arch, firmware, vars_copy, seed=seed)
-        accel = await choose_accel(args, arch, verdicts, say)
-        started = time.monotonic()
-        # A panic line matches every pattern at once: the wait ends there.
-        booted = await proc.run(
-            qemu_args(image, fmt, arch, firmware, vars_copy, accel, seed, snapshot=not write),
-            until=tuple(f"(?:{u})|{PANIC}" for u in (LOGIN, *wait_for)),
-            timeout=timeout,
-        )
-        if booted.stderr_tail and re.search(PANIC, booted.stderr_tail[-1]):
-            after = time.monotonic() - started
-            raise StageError(f"{image.name}: the kernel panicked after {after:.0f} s, no login")
-    except TimeoutError:
-        raise StageError(f"{image.name}: not {what} within {timeout:.0f} s") from None
-    except proc.CommandError as exc:
-        raise StageError(f"{image.name}: QEMU stopped before {what}: {exc}") from exc
-    finally:
-        if vars_copy is not None:
-            vars_copy.unlink(missing_ok=True)
-    return time.monotonic() - started
+    if user_data is not None:
+        wait_for = (*wait_for, CLOUD_INIT_DONE)
+    seeding = (
+        nocloud_seed(work, user_data, instance_id)
+        if user_data is not None
+        else contextlib.nullcontext()
+    )
+    async with seeding as seed:
+        vars_copy = None
+        if firmware != "bios":
+            # The firmware writes its variables: each boot gets its own copy.
+            fd, name = tempfile.mkstemp(prefix="UEFI_VARS.", suffix=".fd", dir=work)
+            os.close(fd)
+            vars_copy = Path(name)
+            shutil.copyfile(arches.get(arch).uefi[firmware][1], vars_copy)  # type: ignore[index]
+        what = " and ".join(["a login prompt", *(repr(w) for w in wait_for)])
+        try:
+            args = qemu_args(image, fmt, arch, firmware, vars_copy, seed=seed)
+            accel = await choose_accel(args, arch, verdicts, say)
+            started = time.monotonic()
+            # A panic line matches every pattern at once: the wait ends there.
+            booted = await proc.run(
+                qemu_args(image, fmt, arch, firmware, vars_copy, accel, seed, snapshot=not write),
+                until=tuple(f"(?:{u})|{PANIC}" for u in (LOGIN, *wait_for)),
+                timeout=timeout,
+            )
+            if booted.stderr_tail and re.search(PANIC, booted.stderr_tail[-1]):
+                after = time.monotonic() - started
+                raise StageError(
+                    f"{image.name}: the kernel panicked after {after:.0f} s, no login"
+                )
+        except TimeoutError:
+            raise StageError(f"{image.name}: not {what} within {timeout:.0f} s") from None
+        except proc.CommandError as exc:
+            raise StageError(f"{image.name}: QEMU stopped before {what}: {exc}") from exc
+        finally:
+            if vars_copy is not None:
+                vars_copy.unlink(missing_ok=True)
+        return time.monotonic() - started
 
 
 async def run(ctx: Context) -> Output:
@@ -306,7 +300,6 @@ async def run(ctx: Context) -> Output:
         verdicts=ctx.ws.cache.root / KVM_VERDICTS,
         say=ctx.emit,
         user_data=user_data,
-        wait_for=(CLOUD_INIT_DONE,) if user_data is not None else (),
     )
     info: dict[str, object] = {"login_after": round(seconds, 1), "firmware": firmware}
     if user_data is not None:
