@@ -243,20 +243,21 @@ def _identity(tree: Path) -> None:
     cloud = tree / "var/lib/cloud"
     if cloud.is_dir() and not cloud.is_symlink():
         for path in cloud.iterdir():
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            _remove(path)
     if (tree / "usr/sbin/sshd").exists():
         dropin = tree / "etc/systemd/system/ssh.service.d"
         dropin.mkdir(parents=True, exist_ok=True)
         (dropin / "factory-hostkeys.conf").write_text(SSH_KEYGEN)
-    dev = tree / "dev"
-    for node in dev.iterdir():
-        if node.is_dir() and not node.is_symlink():
-            shutil.rmtree(node)
-        else:
-            node.unlink()
+    for node in (tree / "dev").iterdir():
+        _remove(node)
+
+
+def _remove(path: Path) -> None:
+    """A folder with what it holds, or anything else (a symlink to a folder is a link)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _remove_leftovers(tree: Path, leftovers: Iterable[str]) -> None:
@@ -264,10 +265,7 @@ def _remove_leftovers(tree: Path, leftovers: Iterable[str]) -> None:
     removed: the files keep the owners and modes the services that append to them expect)."""
     for pattern in leftovers:
         for path in sorted(tree.glob(pattern), reverse=True):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+            _remove(path)
     for path in (tree / "var/log").rglob("*"):
         if path.is_file() and not path.is_symlink() and path.stat().st_size:
             os.truncate(path, 0)
