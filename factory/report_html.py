@@ -60,9 +60,9 @@ def e(value: object) -> str:
 
 
 def human_size(size: object) -> str:
-    if not isinstance(size, int | float) or isinstance(size, bool):
+    n = _num(size)
+    if n is None:
         return "?"
-    n = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -85,9 +85,8 @@ def tick_text(seconds: float) -> str:
 
 
 def utc(stamp: object) -> str:
-    if not isinstance(stamp, int | float) or isinstance(stamp, bool):
-        return "?"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(stamp))
+    t = _num(stamp)
+    return "?" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 def anchor(job_id: str) -> str:
@@ -215,7 +214,8 @@ def timeline(jobs: Sequence[Mapping[str, Any]]) -> str:
     bars = lanes(jobs)
     if not bars:
         return "<p class=muted>No job ran in this run (everything was carried from earlier).</p>"
-    crit = set(critical_path(jobs))
+    path = critical_path(jobs)
+    crit = set(path)
     t0 = min(_num(b.job["started"]) or 0.0 for b in bars)
     t1 = max(_num(b.job["finished"]) or 0.0 for b in bars)
     span = max(t1 - t0, 1.0)
@@ -282,7 +282,6 @@ def timeline(jobs: Sequence[Mapping[str, Any]]) -> str:
             )
         out.append("</g>")
     out.append("</svg>")
-    path = critical_path(jobs)
     total = sum(duration(j) for j in jobs if j["id"] in crit)
     legend = " ".join(
         f'<span class=key><i style="background:{c}"></i>{e(k)}</span>' for k, c in COLOURS.items()
@@ -361,6 +360,9 @@ def matrix_table(report: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -
     } - {""}
     ordered = sorted(columns, key=_format_order)
     cells = _cells(report, jobs)
+    of_cell: dict[object, list[Mapping[str, Any]]] = {}
+    for j in jobs:
+        of_cell.setdefault(j.get("cell"), []).append(j)
     boots = [j for j in jobs if j.get("kind") == "boot"]
     uploads = [j for j in jobs if j.get("kind") == "upload"]
     head = "".join(f"<th>{e(c)}</th>" for c in ordered)
@@ -368,7 +370,7 @@ def matrix_table(report: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -
     head += "<th>upload</th>" if uploads else ""
     rows = [f"<table class=matrix><thead><tr><th>cell</th>{head}</tr></thead><tbody>"]
     for cell in cells:
-        own = [j for j in jobs if j.get("cell") == cell]
+        own = of_cell.get(cell, [])
         broken = [
             j
             for j in own
@@ -413,12 +415,12 @@ def matrix_table(report: Mapping[str, Any], jobs: Sequence[Mapping[str, Any]]) -
             else:
                 tds.append('<td class="none">—</td>')
         if boots:
-            mine = [j for j in boots if j.get("cell") == cell]
+            mine = [j for j in own if j.get("kind") == "boot"]
             bad = any(j.get("status") == "failed" for j in mine)
             text = "<br>".join(_boot_text(j) for j in mine) or "—"
             tds.append(f'<td class="{"bad" if bad else "boot"}">{text}</td>')
         if uploads:
-            mine = [j for j in uploads if j.get("cell") == cell]
+            mine = [j for j in own if j.get("kind") == "upload"]
             bad = any(j.get("status") == "failed" for j in mine)
             text = "<br>".join(f"{e(suffix(j['id']))}: {e(j.get('status'))}" for j in mine) or "—"
             tds.append(f'<td class="{"bad" if bad else "boot"}">{text}</td>')
