@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar, Literal, TextIO
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
@@ -47,7 +47,11 @@ class Event:
     )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """One JSON line. Shallow: `asdict` deep-copied every event's data first, a third
+        of a farm controller's cost of events (a nested dataclass is still turned into its
+        fields)."""
+        line = {name: getattr(self, name) for name in _FIELDS}
+        return json.dumps(line, sort_keys=True, default=_plain)
 
     @classmethod
     def from_json(cls, line: str) -> Event:
@@ -58,6 +62,15 @@ class Event:
             return _EVENT.validate_json(line)
         except ValidationError as exc:
             raise ValueError(first_error(exc)) from None
+
+
+_FIELDS = tuple(f.name for f in fields(Event))
+
+
+def _plain(value: object) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def first_error(exc: ValidationError, under: str = "") -> str:
