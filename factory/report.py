@@ -10,7 +10,7 @@ from typing import Any
 import aiofiles
 
 from factory.fsutil import atomic_write_async
-from factory.scheduler import JobRun
+from factory.scheduler import JobRun, log_name
 
 
 def artifacts(runs: Iterable[JobRun]) -> list[dict[str, Any]]:
@@ -64,7 +64,7 @@ async def write(
                 "error": r.error,
                 "tail": r.tail,
                 "info": dict(r.output.info) if r.output else {},
-                "log": f"logs/{r.job.id.replace(':', '_')}.log" if r.started else None,
+                "log": f"logs/{log_name(r.job.id)}" if r.started else None,
             }
             for r in runs
         ],

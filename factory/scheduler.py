@@ -116,6 +116,11 @@ def ranks(plan: Plan) -> dict[str, float]:
     return rank
 
 
+def log_name(job_id: str) -> str:
+    """A job's log file in OUT/logs (a job id has colons; some filesystems and URLs do not)."""
+    return f"{job_id.replace(':', '_')}.log"
+
+
 class Scheduler:
     def __init__(
         self, plan: Plan, route: Router, bus: Bus, logs: Path, *, fail_fast: bool = False
@@ -132,7 +137,7 @@ class Scheduler:
         self._gates: dict[int, PriorityGate] = {}
 
     def log_path(self, job: Job) -> Path:
-        return self.logs / f"{job.id.replace(':', '_')}.log"
+        return self.logs / log_name(job.id)
 
     def _emit(self, kind: EventKind, run: JobRun, message: str = "", **data: Any) -> None:
         self.bus.emit(

@@ -19,6 +19,7 @@ host's own tree cache; `dir` (made by the controller) is removed when the worker
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -34,11 +35,18 @@ from factory import __version__, proc, state
 from factory.cache import opened, remove_tree
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
-from factory.executors.protocol import FOLDER_PREFIX, Go, Malformed, RemoteFile, Request
+from factory.executors.protocol import (
+    FOLDER_PREFIX,
+    INLINE_TEXT,
+    Go,
+    Malformed,
+    RemoteFile,
+    Request,
+)
 from factory.fsutil import data_extents, sha256_file
 from factory.plan import Job, Plan, hook_digest, job_key
 from factory.results import Output
-from factory.scheduler import Scheduler
+from factory.scheduler import Scheduler, log_name
 from factory.stages import Workspace, registry
 
 PIDFILE = "worker.pid"
@@ -122,6 +130,43 @@ class Gated:
             remote = RemoteFile(path=str(out.path), size=size, sha256=digest, extents=extents)
             out = Output(out.path, {**out.info, "remote": remote.model_dump(mode="json")})
         return out
+
+
+def read_small(path: Path, limit: int = INLINE_TEXT) -> str | None:
+    """A text file of at most `limit` bytes, as the controller's SFTP read gives it
+    (UTF-8, errors replaced); None if it is bigger or cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError:
+        return None
+    return data.decode(errors="replace") if len(data) <= limit else None
+
+
+class WithTexts:
+    """A job's done or failed event carries its log, and a finalise's done its manifest,
+    when they are small (protocol.INLINE_TEXT): the controller needs both, and an SFTP
+    read of each costs it 4 round trips. Both are written and closed before the event."""
+
+    def __init__(self, sink: Callable[[Event], None], out: Path) -> None:
+        self.sink = sink
+        self.out = out
+
+    def __call__(self, event: Event) -> None:
+        if event.kind in ("done", "failed") and event.job is not None:
+            extra: dict[str, str] = {}
+            log = read_small(self.out / "logs" / log_name(event.job))
+            if log is not None:
+                extra["log"] = log
+            info = event.data.get("info")
+            manifest = info.get("manifest") if isinstance(info, dict) else None
+            if event.kind == "done" and isinstance(manifest, str):
+                text = read_small(self.out / manifest)
+                if text is not None:
+                    extra["manifest_text"] = text
+            if extra:
+                event = dataclasses.replace(event, data={**event.data, **extra})
+        self.sink(event)
 
 
 class EventWriter:
@@ -209,7 +254,9 @@ async def serve(stdin: int, stdout: TextIO) -> int:
                 for jid in req.auto:
                     gates[jid].set()
                 gated = Gated(local, gates, set(req.fetch))
-                sched = Scheduler(req.plan, lambda job: gated, bus, out / "logs")
+                sched = Scheduler(
+                    req.plan, lambda job: gated, Bus(WithTexts(writer, out)), out / "logs"
+                )
                 bus.emit(Event("run-start", data={"matrix": req.plan.matrix, "jobs": jobs}))
                 async with anyio.create_task_group() as tg:
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiofiles
 import anyio
 from anyio.abc import TaskGroup
 
@@ -41,10 +39,10 @@ from factory import proc
 from factory.events import Bus, Event
 from factory.executors.local import LocalExecutor
 from factory.executors.protocol import Go, Malformed, Request, parse_event, remote_file
-from factory.fsutil import aside, sha256_file
+from factory.fsutil import aside, sha256_file, write_if_changed_async
 from factory.plan import Job, Plan
 from factory.results import Output, StageError
-from factory.scheduler import Executor, Scheduler
+from factory.scheduler import Executor, Scheduler, log_name
 from factory.spec import Host
 from factory.stages import Context, publish
 
@@ -184,6 +182,8 @@ class Record:
     message: str = ""
     tail: list[str] = field(default_factory=list)
     output: Output | None = None  # local sessions: the real output
+    log: str | None = None  # the job's log, when the worker sent it with the event
+    manifest_text: str | None = None  # a finalise's manifest, likewise
 
 
 def _listener(emit: Callable[[str], None], meter: proc.Meter | None) -> Callable[[Event], None]:
@@ -236,12 +236,15 @@ class Session:
             # that stops before its jobs end is a lost host (the session's end), not a failure.
             info = event.data.get("info", {}) if event.kind == "done" else {}
             tail = event.data.get("tail", [])
+            log, manifest = event.data.get("log"), event.data.get("manifest_text")
             self.results[jid] = Record(
                 event.kind == "done",
                 dict(info) if isinstance(info, dict) else {},
                 event.message or event.kind,
                 [str(t) for t in tail] if isinstance(tail, list) else [],
                 output,
+                log if isinstance(log, str) else None,
+                manifest if isinstance(manifest, str) else None,
             )
             self.ended[jid].set()
 
@@ -554,26 +557,6 @@ class Placed:
 UNBOUNDED = anyio.CapacityLimiter(math.inf)
 
 
-async def store_text(path: Path, text: str) -> None:
-    """A fetched text file (a manifest) written here atomically, and left alone (same
-    inode, same mtime) when it already holds this text."""
-    data = text.encode()
-    with contextlib.suppress(OSError):
-        async with aiofiles.open(path, "rb") as fh:
-            if await fh.read() == data:
-                return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = aside(path)
-    try:
-        async with aiofiles.open(tmp, "wb") as fh:
-            await fh.write(data)
-            await fh.flush()
-            await anyio.to_thread.run_sync(os.fsync, fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class CellRun:
     """One cell whose arch has hosts: where it runs now, what it has finished, its retries."""
 
@@ -738,7 +721,7 @@ class CellRun:
         finally:
             session.listeners.pop(job.id, None)
         if isinstance(session, RemoteSession):
-            await self._copy_log(session, job)
+            await self._copy_log(session, job, record)
         if not record.ok:
             raise StageError(record.message)  # its log (here, or copied) holds the tail
         if not isinstance(session, RemoteSession):
@@ -746,19 +729,25 @@ class CellRun:
         info = {k: v for k, v in record.info.items() if k != "remote"}
         manifest = info.get("manifest")
         if job.kind == "finalise" and isinstance(manifest, str) and session.folder:
-            text = await session.read_text(f"{session.folder}/out/{manifest}")
-            await store_text(self.farm.local.ws.out / manifest, text)
+            text = record.manifest_text
+            if text is None:
+                text = await session.read_text(f"{session.folder}/out/{manifest}")
+            await write_if_changed_async(self.farm.local.ws.out / manifest, text)
         return Output(None, info)
 
-    async def _copy_log(self, session: RemoteSession, job: Job) -> None:
-        """The job's log from the host, into the job's log here (the report's tail)."""
+    async def _copy_log(self, session: RemoteSession, job: Job, record: Record) -> None:
+        """The job's log from the host (sent with its event, else read from the session's
+        folder), into the job's log here (the report's tail)."""
         log = proc.current_log.get()
         if log is None or session.folder is None:
             return
-        name = job.id.replace(":", "_")
         with contextlib.suppress(OSError, HostLost, StageError):
+            text = record.log
+            if text is None:
+                text = await session.read_text(f"{session.folder}/out/logs/{log_name(job.id)}")
             log.write(f"# log of {job.id} on {session.host}:")
-            log.write(await session.read_text(f"{session.folder}/out/logs/{name}.log"))
+            if text:
+                log.write(text)
 
     async def _fetch(
         self, session: RemoteSession, job: Job, source: Record, emit: Callable[[str], None]

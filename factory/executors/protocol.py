@@ -34,7 +34,7 @@ from pydantic import (
 from factory.events import Event, EventKind, first_error
 from factory.plan import Plan
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: done and failed events carry the job's log (and manifest) inline
 FOLDER_PREFIX = "factory-"  # a session's folder on a host: the worker cleans up stale ones
 
 _WIRE = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -174,16 +174,25 @@ class JobInfo(BaseModel):
     remote: RemoteFile | None = None
 
 
+# A job's log, and a finalise's manifest, ride in its done or failed event up to this size:
+# the controller needs both, and reading each by SFTP took 4 round trips (tests/farm.py).
+# A bigger file is read by SFTP from the session folder, as before.
+INLINE_TEXT = 256 * 1024
+
+
 class _DoneData(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     info: JobInfo = JobInfo()
+    log: StrictStr | None = Field(default=None, max_length=INLINE_TEXT)
+    manifest_text: StrictStr | None = Field(default=None, max_length=INLINE_TEXT)
 
 
 class _FailedData(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     tail: list[StrictStr] = []
+    log: StrictStr | None = Field(default=None, max_length=INLINE_TEXT)
 
 
 class _EndData(BaseModel):
@@ -225,6 +234,7 @@ def remote_file(info: Any) -> RemoteFile | None:
 
 __all__ = [
     "FOLDER_PREFIX",
+    "INLINE_TEXT",
     "PROTOCOL",
     "Go",
     "Malformed",

@@ -27,6 +27,7 @@ from typing import Any, Self
 
 import pytest
 
+from factory.executors.protocol import PROTOCOL
 from tests.conftest import FACTORY, ROOT, factory, have
 from tests.integration.conftest import CACHE, Build, run_matrix
 from tests.integration.test_interrupt import Running
@@ -376,6 +377,11 @@ def test_amd64_here_and_ppc64el_on_a_host_at_once(tmp_path: Path, hosts: dict[st
     assert read < 0.8 * raw.stat().st_size, log
     # The remote cell's manifest came back too.
     assert (build.out / "debian-bookworm-ppc64el/debian-bookworm-ppc64el.manifest.json").is_file()
+    # So did each remote job's log, with the commands it ran there (sent with its event).
+    assemble = build.job("assemble:debian-bookworm-ppc64el")
+    text = (build.out / assemble["log"]).read_text()
+    _, _, there = text.partition("# log of assemble:debian-bookworm-ppc64el on a:\n")
+    assert "\n$ sfdisk " in f"\n{there}", text[:2000]
     # Progress of remote jobs reached the controller's stream, with the host.
     remote = [e for e in build.events if e["cell"] == "debian-bookworm-ppc64el"]
     assert {"start", "done"} <= {e["kind"] for e in remote}
@@ -541,7 +547,9 @@ def test_worker_refuses_a_changed_plan(tmp_path: Path) -> None:
 
     plan = make_plan(load_matrix(matrix)).model_dump(mode="json")
     plan["jobs"][0]["params"]["mirror"] = "http://elsewhere.invalid/debian"
-    request = {"protocol": 1, "plan": plan, "dir": str(tmp_path / "w"), "cache": str(tmp_path)}
+    request = {
+        "protocol": PROTOCOL, "plan": plan, "dir": str(tmp_path / "w"), "cache": str(tmp_path)
+    }  # fmt: skip
     done = subprocess.run(
         [*FACTORY, "worker"],
         input=json.dumps(request) + "\n",

@@ -19,6 +19,7 @@ from factory.events import Bus, Event
 from factory.executors import placement
 from factory.executors.placement import Channel, HostLost, Link
 from factory.executors.protocol import (
+    INLINE_TEXT,
     PROTOCOL,
     Go,
     Malformed,
@@ -29,9 +30,9 @@ from factory.executors.protocol import (
 )
 from factory.plan import Job, job_key, make_plan
 from factory.results import Output, StageError
-from factory.scheduler import JobRun, Scheduler
+from factory.scheduler import JobRun, Scheduler, log_name
 from factory.spec import Host, Matrix
-from factory.worker import Refused, read_request
+from factory.worker import Refused, WithTexts, read_request
 from tests.conftest import ROOT
 
 WORKER = ROOT / ".venv/bin/factory"
@@ -81,9 +82,12 @@ def test_a_request_goes_through_the_wire_unchanged() -> None:
 
 BAD_REQUESTS = [
     ("{not json", "the request is not JSON"),
-    ('["a list"]', "protocol None is not this worker's 1"),
-    (request_line(protocol=2), "protocol 2 is not this worker's 1 (install the same factory"),
-    (request_line(protocol="1"), "protocol '1' is not this worker's 1"),
+    ('["a list"]', f"protocol None is not this worker's {PROTOCOL}"),
+    (
+        request_line(protocol=PROTOCOL + 1),
+        f"protocol {PROTOCOL + 1} is not this worker's {PROTOCOL} (install the same factory",
+    ),
+    (request_line(protocol=str(PROTOCOL)), f"protocol '{PROTOCOL}' is not this worker's"),
     (request_line(plan={"matrix": "t"}), "field plan.jobs: Field required"),
     (request_line(plan={"matrix": "t", "jobs": [{"id": "x"}]}), "field plan.jobs.0.kind:"),
     (request_line(dir="relative/folder"), "field dir: 'relative/folder' is not an absolute"),
@@ -205,6 +209,13 @@ BAD_EVENTS = [
     (done_line({"path": "/f", "size": 1, "sha256": "abc"}), "field data.info.remote.sha256: "),
     (done_line({"path": "/f", "size": 1}), "field data.info.remote.sha256: Field required"),
     (done_line({"path": "/f", "size": 1, "sha256": SUM, "mode": 1}), "remote.mode: unknown"),
+    ('{"kind": "done", "data": {"log": 3}}', "field data.log: Input should be a valid string"),
+    ('{"kind": "failed", "data": {"log": ["x"]}}', "field data.log: Input should be a valid str"),
+    ('{"kind": "done", "data": {"manifest_text": 1}}', "field data.manifest_text: Input should"),
+    (
+        json.dumps({"kind": "done", "data": {"log": "x" * (INLINE_TEXT + 1)}}),
+        "field data.log: String should have at most",
+    ),
 ]
 
 
@@ -249,13 +260,17 @@ class FakeLocal:
 class MemoryLink(Link):
     """A host in memory: its worker "runs" a job at its go line (at once for `auto`),
     streams the events a real worker would, and keeps its files in a dict. `dies_at`:
-    the link drops when that kind of job is started there."""
+    the link drops when that kind of job is started there. `inline`: its events carry
+    each job's log and manifest, as the real worker's do (else the controller reads them:
+    `reads`)."""
 
-    def __init__(self, host: Host, dies_at: str | None = None) -> None:
+    def __init__(self, host: Host, dies_at: str | None = None, inline: bool = True) -> None:
         super().__init__(host)
         self.dies_at = dies_at
+        self.inline = inline
         self.requests: list[Request] = []
         self.started: list[str] = []
+        self.reads: list[str] = []
 
     async def open(self) -> None:
         self.down = None
@@ -309,9 +324,14 @@ class MemoryChannel(Channel):
         self._emit(Event("start", job=jid, cell=job.cell))
         self._emit(Event("progress", job=jid, message="working"))
         info: dict[str, Any] = {"ran": f"{jid} on {self.link.host.name}"}
+        log = f"$ make {jid} on {self.link.host.name}\n"
+        self.files[f"{self.folder}/out/logs/{log_name(jid)}"] = log.encode()
+        texts = {"log": log} if self.link.inline else {}
         if job.kind == "finalise":
             info["manifest"] = f"{job.cell}/{job.cell}.manifest.json"
             self.files[f"{self.folder}/out/{info['manifest']}"] = b'{"packages": []}\n'
+            if self.link.inline:
+                texts["manifest_text"] = '{"packages": []}\n'
         if jid in self.fetch_ids:
             data = f"{jid} made on {self.link.host.name}\n".encode()
             path = f"{self.folder}/out/{job.id.replace(':', '_')}"
@@ -319,7 +339,8 @@ class MemoryChannel(Channel):
             digest = hashlib.sha256(data).hexdigest()
             remote = RemoteFile(path=path, size=len(data), sha256=digest)
             info["remote"] = remote.model_dump(mode="json")
-        self._emit(Event("done", job=jid, cell=job.cell, data={"seconds": 0.0, "info": info}))
+        data = {"seconds": 0.0, "info": info, **texts}
+        self._emit(Event("done", job=jid, cell=job.cell, data=data))
 
     def send(self, go: Go) -> None:
         self._run(Go.parse(go.line(), self.jobs).go)
@@ -339,6 +360,7 @@ class MemoryChannel(Channel):
         return "exited 0"
 
     async def read_text(self, path: str) -> str:
+        self.link.reads.append(path.removeprefix(f"{self.folder}/out/"))
         if self.link.down is not None:
             raise HostLost(f"{self.link.host.name}: {self.link.down}")
         if path not in self.files:
@@ -352,7 +374,10 @@ class MemoryChannel(Channel):
 
 
 async def run_on(
-    tmp_path: Path, hosts: Sequence[str], dies_at: dict[str, str] | None = None
+    tmp_path: Path,
+    hosts: Sequence[str],
+    dies_at: dict[str, str] | None = None,
+    inline: bool = True,
 ) -> tuple[dict[str, JobRun], dict[str, MemoryLink]]:
     """The plan of `hosts`' matrix, run by the real scheduler and placement."""
     m = matrix(hosts)
@@ -360,7 +385,7 @@ async def run_on(
     made: dict[str, MemoryLink] = {}
 
     def transport(host: Host) -> Link:
-        made[host.name] = MemoryLink(host, (dies_at or {}).get(host.name))
+        made[host.name] = MemoryLink(host, (dies_at or {}).get(host.name), inline)
         return made[host.name]
 
     local: Any = FakeLocal(tmp_path / "out")
@@ -387,6 +412,51 @@ async def test_a_cell_runs_over_a_transport_that_is_not_ssh(tmp_path: Path) -> N
     assert publish is not None and publish.info["artifact"]["sha256"] == digest
     assert (out / CELL / f"{CELL}.manifest.json").read_text() == '{"packages": []}\n'
     assert not [p for p in (out / CELL).iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["sent-with-events", "read-by-sftp"])
+async def test_each_jobs_log_and_the_manifest_come_back(tmp_path: Path, inline: bool) -> None:
+    """A job's log and a finalise's manifest ride in its done event (no round trips);
+    a worker whose files were too big to send is read instead, with the same result."""
+    runs, links = await run_on(tmp_path, ["a"], inline=inline)
+    assert {r.status for r in runs.values()} == {"done"}
+    remote = (f"rootfs:{CELL}", f"finalise:{CELL}", f"pack:{CELL}:tar")
+    for jid in remote:
+        log = (tmp_path / "logs" / log_name(jid)).read_text()
+        assert log == f"# log of {jid} on a:\n$ make {jid} on a\n"
+    manifest = tmp_path / "out" / CELL / f"{CELL}.manifest.json"
+    assert manifest.read_text() == '{"packages": []}\n'
+    reads = sorted(links["a"].reads)
+    if inline:
+        assert reads == []
+    else:
+        logs = [f"logs/{log_name(j)}" for j in remote]
+        assert reads == sorted([f"{CELL}/{CELL}.manifest.json", *logs])
+
+
+def test_the_worker_sends_small_logs_and_manifests_with_the_event(tmp_path: Path) -> None:
+    """worker.WithTexts: a done or failed event gets the job's log, a finalise's done its
+    manifest, each only up to INLINE_TEXT bytes (then the controller reads the file)."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "finalise_c.log").write_text("$ chroot ...\n")
+    (tmp_path / "logs" / "pack_c_tar.log").write_bytes(b"x" * (INLINE_TEXT + 1))
+    (tmp_path / "logs" / "rootfs_c.log").write_bytes(b"I: \xff\n")
+    (tmp_path / "c.manifest.json").write_text("[]")
+    sent: list[Event] = []
+    texts = WithTexts(sent.append, tmp_path)
+    manifest = {"info": {"manifest": "c.manifest.json"}}
+    texts(Event("done", job="finalise:c", data=manifest))
+    texts(Event("done", job="pack:c:tar", data={"info": {}}))
+    texts(Event("failed", job="rootfs:c", message="no", data={"tail": []}))
+    texts(Event("progress", job="finalise:c", message="working"))
+    texts(Event("done", job="boot:c", data={"info": {}}))  # no log: nothing added
+    final, pack, rootfs, progress, boot = sent
+    assert final.data == {**manifest, "log": "$ chroot ...\n", "manifest_text": "[]"}
+    assert pack.data == {"info": {}}  # too big: read by SFTP
+    assert rootfs.data == {"tail": [], "log": "I: \ufffd\n"}  # as an SFTP read decodes it
+    assert progress.data == {} and boot.data == {"info": {}}
+    for event in sent:
+        assert parse_event(event.to_json(), "h") == event
 
 
 async def test_a_lost_host_moves_the_cell_to_the_second_host(tmp_path: Path) -> None:
