@@ -57,6 +57,9 @@ class Verified:
             self.known: dict[str, str] = json.loads(self.path.read_text())
         except (OSError, ValueError):
             self.known = {}
+        # Each path's entry in `known` ("path|identity"): a farm's night remembers hundreds
+        # of artifacts, and finding a path's old entry by a scan of `known` was quadratic.
+        self._entry = {k.rpartition("|")[0]: k for k in self.known}
 
     @staticmethod
     def _identity(path: Path) -> str:
@@ -83,10 +86,11 @@ class Verified:
             ident = ident or self._identity(path)
         except OSError:
             return
-        stale = [k for k in self.known if k.startswith(f"{path}|")]
-        for k in stale:
-            del self.known[k]
-        self.known[f"{path}|{ident}"] = digest
+        old = self._entry.pop(str(path), None)
+        if old is not None:
+            self.known.pop(old, None)
+        entry = self._entry[str(path)] = f"{path}|{ident}"
+        self.known[entry] = digest
 
     def save(self) -> None:
         """Best effort: without it the next run only hashes again."""

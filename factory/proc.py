@@ -90,8 +90,11 @@ class JobLog:
 
     def open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
+            try:
+                self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
+            except FileNotFoundError:  # the folder first (not on every job: a farm has 1000s)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115
         except OSError as exc:
             self.error = exc
             return

@@ -4,9 +4,10 @@ Each fake host is an in-process asyncssh server (its own host key, key-only logi
 in one known_hosts file) that speaks the real SSH protocol. Its `COMMAND worker` reads the
 real `protocol.Request` from stdin, waits for the real `Go` lines, and streams the real
 event protocol as factory/worker.py does (run-start; per job start, progress, done with its
-info; a fetched job's `RemoteFile`; run-end), after a short sleep per job instead of the
-work. Its files (the job logs, the manifest, the artifact) are written in a per-host
-folder that is also the chroot of its real SFTP server, where the controller reads them.
+info, its log and a finalise's manifest; a fetched job's `RemoteFile`; run-end), after a
+short sleep per job instead of the work. Its files (the job logs, the manifest, the
+artifact) are written in a per-host folder that is also the chroot of its real SFTP
+server, where the controller fetches the artifacts.
 
 The controller runs in a process of its own (so its CPU seconds and peak memory are its
 own): `runner.run_plan` of a generated matrix (N releases x arches, tar only) whose
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import gc
 import hashlib
 import json
 import os
@@ -186,7 +188,9 @@ async def _serve(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> Non
             if host.mode != "up":
                 return  # a dropped host says nothing more
             name = jid.replace(":", "_")
-            (folder / "out" / "logs" / f"{name}.log").write_text(f"# {jid} on {host.name}\n")
+            log = f"# {jid} on {host.name}\n"
+            (folder / "out" / "logs" / f"{name}.log").write_text(log)
+            texts = {"log": log}  # as worker.WithTexts sends them
             info: dict[str, Any] = {"cached": True}
             if job.kind == "finalise":
                 manifest = folder / "out" / job.params["manifest"]
@@ -194,6 +198,7 @@ async def _serve(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> Non
                 rows = [{"package": "base-files", "version": "12.4", "arch": job.arch}]
                 manifest.write_text(json.dumps(rows))
                 info["manifest"] = job.params["manifest"]
+                texts["manifest_text"] = json.dumps(rows)
             if jid in req.fetch:
                 artifact = folder / "out" / ".work" / f"{name}.tar"
                 artifact.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +213,8 @@ async def _serve(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> Non
                 ).model_dump(mode="json")
             host.done[jid] += 1
             host.pending -= 1
-            send(_event("done", job, seconds=round(time.monotonic() - t0, 3), info=info))
+            seconds = round(time.monotonic() - t0, 3)
+            send(_event("done", job, seconds=seconds, info=info, **texts))
             finished[jid].set()
         finally:
             host.running -= 1
@@ -364,10 +370,11 @@ def controller(config_path: Path) -> int:
             record["cpu"], record["wall"] = time.process_time() - c, time.monotonic() - t
 
     runner._record = timed_record  # type: ignore[assignment]
+    gc.freeze()  # as `factory run` does once it has planned (cli.run)
     opts = runner.Options(
         out=Path(config["out"]), cache=Path(config["cache"]), jobs=2, events="json"
     )
-    cpu1, t1 = time.process_time(), time.monotonic()
+    cpu1, t1, sys1 = time.process_time(), time.monotonic(), os.times().system
     profile = cProfile.Profile() if config.get("profile") else None
     if profile is not None:
         profile.enable()
@@ -388,6 +395,7 @@ def controller(config_path: Path) -> int:
         "total_wall": time.monotonic() - t0,
         "base_rss_mib": base_rss,
         "peak_rss_mib": usage.ru_maxrss / 1024,
+        "run_sys_cpu": os.times().system - sys1,  # the kernel's part of run_cpu
     }
     Path(config["figures"]).write_text(json.dumps(figures))
     return 0
@@ -644,7 +652,8 @@ def describe(r: Result) -> list[str]:
         f" s of it); ideal {r.ideal:.1f} s (the fake workers' own time over every slot)",
         f"  controller CPU {f.get('run_cpu', 0):.1f} s: {1000 * f.get('run_cpu', 0) / jobs:.2f} "
         f"ms per job; scheduling alone (without the report) {1000 * sched_cpu / jobs:.2f} "
-        f"ms per job; planning {f.get('plan_cpu', 0):.1f} s",
+        f"ms per job; planning {f.get('plan_cpu', 0):.1f} s; in the kernel "
+        f"{f.get('run_sys_cpu', 0):.1f} s of the run's",
         f"  the hosts' process ({r.hosts} SSH servers and fake workers) CPU "
         f"{f.get('servers_cpu', 0):.1f} s; other processes on the machine meanwhile "
         f"{f.get('others_cpu', 0):.1f} CPU s",

@@ -124,3 +124,23 @@ def test_a_plan_without_leaves_always_runs(tmp_path: Path) -> None:
     plan = plan_of(tmp_path)
     only_trees = plan.select([j.id for j in plan.jobs if j.kind == "rootfs"])
     assert outstate.still_needed(only_trees, outstate.Carried()) == only_trees
+
+
+def test_a_path_keeps_one_remembered_sha256(tmp_path: Path) -> None:
+    """A file remembered again (it changed) replaces its old entry, also after a reload."""
+    out = tmp_path / "out"
+    out.mkdir()
+    art, other = out / "a.raw", out / "a.raw.sha256"
+    art.write_bytes(b"one")
+    other.write_bytes(b"x")
+    verified = outstate.Verified(tmp_path / "c", out)
+    verified.remember(art, "1" * 64)
+    verified.remember(other, "2" * 64)
+    verified.save()
+    again = outstate.Verified(tmp_path / "c", out)
+    art.write_bytes(b"two!")
+    again.remember(art, "3" * 64)
+    assert sorted(again.known.values()) == ["2" * 64, "3" * 64]
+    assert [k for k in again.known if k.startswith(f"{art}|")] == [
+        f"{art}|{outstate.Verified._identity(art)}"
+    ]
