@@ -192,7 +192,9 @@ def run(
     )
     # The matrix, the plan and the imports live as long as the run: frozen out of the
     # collector, its full collections need not walk them again (a farm's controller
-    # spent about 5 % of its CPU there: tests/farm.py).
+    # spent about 5 % of its CPU there: tests/farm.py). Garbage is collected first, so
+    # only what is alive is frozen.
+    gc.collect()
     gc.freeze()
     try:
         code = anyio.run(run_plan, m, p, opts)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -133,20 +134,28 @@ class Gated:
 
 
 def read_small(path: Path, limit: int = INLINE_TEXT) -> str | None:
-    """A text file of at most `limit` bytes, as the controller's SFTP read gives it
-    (UTF-8, errors replaced); None if it is bigger or cannot be read."""
+    """A text file as the controller's SFTP read gives it (UTF-8, errors replaced), if
+    it is small: at most `limit` bytes, and at most `limit` characters once escaped in a
+    JSON line (an escape sequence such as \\u001b takes six). None if it is bigger or
+    cannot be read: the controller reads it by SFTP then. Bounding the escaped size keeps
+    an event line (a log and a manifest) well under the SSH channel's window, which
+    asyncssh's readline cuts a longer line at."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except OSError:
         return None
-    return data.decode(errors="replace") if len(data) <= limit else None
+    if len(data) > limit:
+        return None
+    text = data.decode(errors="replace")
+    return text if len(json.dumps(text)) - 2 <= limit else None
 
 
 class WithTexts:
     """A job's done or failed event carries its log, and a finalise's done its manifest,
-    when they are small (protocol.INLINE_TEXT): the controller needs both, and an SFTP
-    read of each costs it 4 round trips. Both are written and closed before the event."""
+    when they are small (read_small): the controller needs both, and an SFTP read of
+    each costs it 4 round trips. Both are complete when the event comes: a done job's log
+    is closed, a failed one's written through (unbuffered, every write awaited)."""
 
     def __init__(self, sink: Callable[[Event], None], out: Path) -> None:
         self.sink = sink

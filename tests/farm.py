@@ -370,7 +370,8 @@ def controller(config_path: Path) -> int:
             record["cpu"], record["wall"] = time.process_time() - c, time.monotonic() - t
 
     runner._record = timed_record  # type: ignore[assignment]
-    gc.freeze()  # as `factory run` does once it has planned (cli.run)
+    gc.collect()  # as `factory run` does once it has planned (cli.run)
+    gc.freeze()
     opts = runner.Options(
         out=Path(config["out"]), cache=Path(config["cache"]), jobs=2, events="json"
     )

@@ -722,6 +722,7 @@ class CellRun:
             session.listeners.pop(job.id, None)
         if isinstance(session, RemoteSession):
             await self._copy_log(session, job, record)
+            record.log = None  # written here: a night's logs are not kept in memory
         if not record.ok:
             raise StageError(record.message)  # its log (here, or copied) holds the tail
         if not isinstance(session, RemoteSession):
@@ -729,7 +730,7 @@ class CellRun:
         info = {k: v for k, v in record.info.items() if k != "remote"}
         manifest = info.get("manifest")
         if job.kind == "finalise" and isinstance(manifest, str) and session.folder:
-            text = record.manifest_text
+            text, record.manifest_text = record.manifest_text, None
             if text is None:
                 text = await session.read_text(f"{session.folder}/out/{manifest}")
             await write_if_changed_async(self.farm.local.ws.out / manifest, text)

@@ -441,6 +441,8 @@ def test_the_worker_sends_small_logs_and_manifests_with_the_event(tmp_path: Path
     (tmp_path / "logs" / "finalise_c.log").write_text("$ chroot ...\n")
     (tmp_path / "logs" / "pack_c_tar.log").write_bytes(b"x" * (INLINE_TEXT + 1))
     (tmp_path / "logs" / "rootfs_c.log").write_bytes(b"I: \xff\n")
+    # Few bytes, but six characters each in a JSON line (\u001b): read by SFTP instead.
+    (tmp_path / "logs" / "assemble_c.log").write_bytes(b"\x1b" * (INLINE_TEXT // 5))
     (tmp_path / "c.manifest.json").write_text("[]")
     sent: list[Event] = []
     texts = WithTexts(sent.append, tmp_path)
@@ -450,7 +452,9 @@ def test_the_worker_sends_small_logs_and_manifests_with_the_event(tmp_path: Path
     texts(Event("failed", job="rootfs:c", message="no", data={"tail": []}))
     texts(Event("progress", job="finalise:c", message="working"))
     texts(Event("done", job="boot:c", data={"info": {}}))  # no log: nothing added
-    final, pack, rootfs, progress, boot = sent
+    texts(Event("done", job="assemble:c", data={"info": {}}))
+    final, pack, rootfs, progress, boot, assemble = sent
+    assert assemble.data == {"info": {}}
     assert final.data == {**manifest, "log": "$ chroot ...\n", "manifest_text": "[]"}
     assert pack.data == {"info": {}}  # too big: read by SFTP
     assert rootfs.data == {"tail": [], "log": "I: \ufffd\n"}  # as an SFTP read decodes it
