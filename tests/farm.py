@@ -48,6 +48,7 @@ import asyncssh
 
 from factory.events import Event
 from factory.executors.protocol import Go, Malformed, RemoteFile, Request
+from factory.scheduler import log_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -189,7 +190,7 @@ async def _serve(host: FakeHost, process: asyncssh.SSHServerProcess[str]) -> Non
                 return  # a dropped host says nothing more
             name = jid.replace(":", "_")
             log = f"# {jid} on {host.name}\n"
-            (folder / "out" / "logs" / f"{name}.log").write_text(log)
+            (folder / "out" / "logs" / log_name(jid)).write_text(log)  # where the scheduler's is
             texts = {"log": log}  # as worker.WithTexts sends them
             info: dict[str, Any] = {"cached": True}
             if job.kind == "finalise":
